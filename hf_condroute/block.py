@@ -1,0 +1,159 @@
+"""The routed block: it asks the router, dispatches to the expert bank, combines, records the decision and
+hands the router's auxiliary losses to the forward's `RoutingStep`.
+
+Every place that routes uses this block: the PEFT adapter tuner, the routed FFN, DAE-Syn and the benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .experts import ExpertBank
+from .routers import Router
+from .routers.base import RoutingDecision
+from .step import RoutingRecord, RoutingStep
+
+
+@dataclass
+class RoutingInputs:
+    """What a block needs besides its hidden states. Leading dimensions are the batch; a tensor with fewer rows
+    than the batch is repeated when the batch is a multiple of it (beam search expands each example)."""
+
+    mask: Optional[torch.Tensor] = None  # (B, L) 1 for real tokens; longer masks are right-aligned to L
+    pooled: Optional[torch.Tensor] = None  # (B, D') per-example routing features replacing the mean of x
+    tags: Optional[torch.Tensor] = None  # (B,) or (B, G) long, -100 unknown
+    keys: Optional[torch.Tensor] = None  # (B,) per-example hash keys
+    token_ids: Optional[torch.Tensor] = None  # (B, L) token ids, the keys of per-token hash routing
+    step: Optional[RoutingStep] = None  # where decisions and losses are recorded (None: not recorded)
+
+
+def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of x (B, L, D) over positions where mask (B, L) is set; the plain mean without a mask."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask[:, -x.shape[1]:].to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def match_rows(t: Optional[torch.Tensor], batch: int, what: str, block: str) -> Optional[torch.Tensor]:
+    if t is None or t.shape[0] == batch:
+        return t
+    if t.shape[0] > 0 and batch % t.shape[0] == 0:
+        return t.repeat_interleave(batch // t.shape[0], dim=0)
+    raise ValueError(
+        f"{what} has {t.shape[0]} rows but block {block or '<unnamed>'} sees a batch of {batch}: give one row per "
+        "example, in the same order as the batch."
+    )
+
+
+def select_tags(tags: Optional[torch.Tensor], group: int, block: str) -> Optional[torch.Tensor]:
+    """Validate the shape and dtype of routing tags and pick the block's tag group: (B,) or (B, G) -> (B,)."""
+    if tags is None:
+        return None
+    if not isinstance(tags, torch.Tensor):
+        tags = torch.as_tensor(tags)
+    if tags.is_floating_point() or tags.dtype == torch.bool:
+        raise ValueError(
+            f"routing_tags must be an integer tensor (got dtype {tags.dtype}); pass a LongTensor of tag ids, -100 for "
+            "unknown."
+        )
+    if tags.dim() == 1:
+        return tags.long()
+    if tags.dim() == 2:
+        if not 0 <= group < tags.shape[1]:
+            raise ValueError(
+                f"routing_tags has {tags.shape[1]} tag groups but block {block or '<unnamed>'} uses tag_group={group}: "
+                "set `tag_group` to a column of the tags."
+            )
+        return tags[:, group].long()
+    raise ValueError(
+        f"routing_tags must have shape (batch,) or (batch, groups), got {tuple(tags.shape)}. Pass one tag per "
+        "example, or one per tag group."
+    )
+
+
+class RoutedBlock(nn.Module):
+    """router + expert bank. forward(x, inputs) returns sum_j w_j f_{e_j}(x) with the shape of x except the last
+    dimension (bank.out_features)."""
+
+    def __init__(self, router: Router, experts: ExpertBank, granularity: str = "example", name: str = ""):
+        super().__init__()
+        if experts.num_experts != router.num_experts:
+            raise ValueError(
+                f"The router of block {name or '<unnamed>'} routes to {router.num_experts} experts but its bank has "
+                f"{experts.num_experts}."
+            )
+        self.router = router
+        self.experts = experts
+        self.granularity = granularity
+        self.name = name
+        self.record_key = name  # key of its records in a RoutingStep (the PEFT layer adds the adapter name)
+
+    def forward(self, x: torch.Tensor, inputs: Optional[RoutingInputs] = None) -> torch.Tensor:
+        inputs = inputs or RoutingInputs()
+        seq = x if x.dim() == 3 else x.reshape(x.shape[0], 1, x.shape[-1])
+        batch, length = seq.shape[0], seq.shape[1]
+        name = self.name
+        tags = match_rows(select_tags(inputs.tags, self.router.config.tag_group, name), batch, "routing_tags", name)
+        mask = match_rows(inputs.mask, batch, "attention_mask", name)
+        if self.granularity == "example":
+            pooled = match_rows(inputs.pooled, batch, "the encoder's pooled output", name)
+            features = pooled if pooled is not None else masked_mean(seq, mask)
+            keys = match_rows(inputs.keys, batch, "routing_keys", name)
+            decision = self.router(features, tags=tags, keys=keys, step=inputs.step.id if inputs.step else None)
+            row_example, row_mask, rows = None, None, seq
+            row_tags = tags
+        else:
+            row_mask = (
+                torch.ones(batch, length, dtype=torch.bool, device=x.device)
+                if mask is None
+                else mask[:, -length:].bool()
+            )
+            row_example = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, length)[row_mask]
+            rows = seq[row_mask].unsqueeze(1)  # (M, 1, D)
+            row_tags = tags[row_example] if tags is not None else None
+            token_ids = match_rows(inputs.token_ids, batch, "input_ids", name)
+            keys = token_ids[:, -length:][row_mask] if token_ids is not None else None
+            decision = self.router(rows.squeeze(1), tags=row_tags, keys=keys, step=inputs.step.id if inputs.step else None)
+        if tags is None and self.training and self.router.learned and self.router.config.tag_supervision_coef > 0:
+            raise ValueError(
+                f"Block {name or '<unnamed>'} has tag_supervision_coef > 0 but got no `routing_tags` in training: pass "
+                "`routing_tags=` (-100 for examples without a tag), or set tag_supervision_coef=0."
+            )
+        weights = decision.weights
+        if inputs.step is not None:
+            targets = None
+            if row_tags is not None and self.router.learned and self.router.config.tag_supervision_coef > 0:
+                targets = self.router.tag_targets(row_tags)
+            record = RoutingRecord(
+                router=self.router,
+                decision=_detached(decision),
+                row_example=row_example,
+                targets=targets,
+                batch_shape=(batch,) if row_mask is None else (batch, length),
+                row_mask=row_mask,
+            )
+            if self.training:
+                weights = inputs.step.attach(self.record_key, record, decision)
+            else:
+                inputs.step.record(self.record_key, record)
+        out = self.experts(rows, decision.experts, weights)
+        if row_mask is not None:
+            full = out.new_zeros(batch, length, out.shape[-1])
+            full[row_mask] = out.squeeze(1)
+            out = full
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _detached(d: RoutingDecision) -> RoutingDecision:
+    return RoutingDecision(
+        experts=d.experts.detach(),
+        weights=d.weights.detach(),
+        probs=d.probs.detach(),
+        logits=None if d.logits is None else d.logits.detach(),
+        baseline=None if d.baseline is None else d.baseline.detach(),
+    )

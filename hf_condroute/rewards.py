@@ -1,0 +1,42 @@
+"""Each example's own task loss, from a transformers model's logits and labels: REINFORCE's reward is minus it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, model=None) -> torch.Tensor:
+    """Loss of every example (B,), matching what transformers' heads average.
+
+    Token-level heads (B, L, V) with labels (B, L): mean cross-entropy over labelled tokens, shifted by one for
+    causal language models. Sequence heads (B, C): cross-entropy for integer labels, squared error for
+    regression (C = 1, float labels), binary cross-entropy averaged over labels for multi-label float targets.
+    """
+    config = getattr(model, "config", None)
+    logits = logits.float()
+    if logits.dim() == 3:
+        if _is_causal_lm(model, config):
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        token_loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
+        counted = (labels != -100).sum(dim=1).clamp(min=1)
+        return token_loss.sum(dim=1) / counted
+    if logits.dim() == 2:
+        if logits.shape[-1] == 1 and (labels.is_floating_point() or getattr(config, "problem_type", None) == "regression"):
+            return (logits.squeeze(-1) - labels.float().view(-1)) ** 2
+        if labels.is_floating_point() and labels.shape == logits.shape:
+            return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1)
+        return F.cross_entropy(logits, labels.long().view(-1), ignore_index=-100, reduction="none")
+    raise ValueError(
+        f"Cannot compute a per-example loss from logits of shape {tuple(logits.shape)} and labels of shape "
+        f"{tuple(labels.shape)}. Call `hf_condroute.set_reward(model, per_example_loss)` before backward() instead."
+    )
+
+
+def _is_causal_lm(model, config) -> bool:
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    name = type(model).__name__
+    return "CausalLM" in name or "LMHead" in name

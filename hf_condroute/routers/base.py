@@ -1,0 +1,175 @@
+"""The router interface: rows in, a routing decision out, plus the auxiliary losses the router wants.
+
+A router sees R rows of routing features (one per example, or one per non-padding token) and returns which
+of its N experts each row runs through and with what weight. Learned routers share one network, paper A's
+BatchNorm + Linear (+ softmax), and the generic auxiliary terms; each family only says how it selects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from .. import losses
+from ..routing_config import RoutingConfig
+
+
+@dataclass
+class RoutingDecision:
+    """What a router chose for R rows.
+
+    experts: LongTensor (R, k), -1 marks an empty slot (Expert Choice gives rows different counts).
+    weights: (R, k) multipliers of the chosen experts' outputs (0 in empty slots).
+    probs:   (R, N) the router's distribution (one-hot for heuristic routers).
+    logits:  (R, N) router logits, None for heuristic routers.
+    baseline: (R,) REINFORCE's learned baseline, else None.
+    """
+
+    experts: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+    baseline: Optional[torch.Tensor] = None
+
+
+class RouterNetwork(nn.Module):
+    """Paper A's router: BatchNorm1d then Linear to N logits (the softmax is applied by the router)."""
+
+    def __init__(self, in_features: int, num_experts: int, batchnorm: bool = True, init_std: Optional[float] = None):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_features) if batchnorm else nn.Identity()
+        self.proj = nn.Linear(in_features, num_experts)
+        if init_std is not None:
+            nn.init.normal_(self.proj.weight, std=init_std)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+class Router(nn.Module):
+    """Base class. Subclasses set the class attributes and implement `select` (learned) or `forward`."""
+
+    name: ClassVar[str] = ""
+    learned: ClassVar[bool] = True  # owns a router network and produces logits
+    stochastic: ClassVar[bool] = False  # samples in training, deterministic in eval
+    uses_top_k: ClassVar[bool] = True
+    min_top_k: ClassVar[int] = 1
+    min_top_k_reason: ClassVar[str] = ""
+    needs_tags: ClassVar[bool] = False
+    needs_keys: ClassVar[bool] = False
+    needs_reward: ClassVar[bool] = False
+    default_jitter: ClassVar[float] = 0.0
+
+    def __init__(self, in_features: int, num_experts: int, config: RoutingConfig, block_name: str = ""):
+        super().__init__()
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.top_k = min(config.top_k, num_experts) if self.uses_top_k else num_experts
+        self.config = config
+        self.block_name = block_name
+        mapping = config.tag_mapping_for(block_name)
+        self.num_tags = len(mapping) if mapping is not None else num_experts
+        table = torch.tensor(mapping if mapping is not None else range(num_experts), dtype=torch.long)
+        # derived from the config, so not saved: a changed mapping in a loaded config takes effect
+        self.register_buffer("tag_to_expert", table, persistent=False)
+        jitter = config.router_jitter_noise
+        self.jitter = self.default_jitter if jitter is None else jitter
+        if self.learned:
+            self.network = self.build_network(in_features, num_experts, config)
+
+    # ----- learned routers -------------------------------------------------------------------------
+    def build_network(self, in_features: int, num_experts: int, config: RoutingConfig) -> nn.Module:
+        return RouterNetwork(in_features, num_experts, config.router_batchnorm, config.router_init_std)
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.config.router_batchnorm and x.shape[0] < 2:
+            raise ValueError(
+                f"Router of block {self.block_name or '<unnamed>'} got {x.shape[0]} routing row in training: its "
+                "BatchNorm needs at least 2. Use a batch of 2 or more examples, per-token routing, or "
+                "`router_batchnorm=False`."
+            )
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        # routing maths in float32, as transformers' Switch router does
+        net_dtype = next(self.network.parameters()).dtype
+        logits = self.network(x.to(net_dtype)).float()
+        return logits / self.config.router_temperature
+
+    def forward(self, x: torch.Tensor, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+        logits = self.compute_logits(x)
+        return self.select(logits, x)
+
+    def select(self, logits: torch.Tensor, x: torch.Tensor) -> RoutingDecision:
+        raise NotImplementedError
+
+    # ----- tags -----------------------------------------------------------------------------------
+    def tag_targets(self, tags: torch.Tensor) -> torch.Tensor:
+        """Map tags to experts, keeping -100 (unknown); raise a clear error for tags out of range."""
+        known = tags != -100
+        bad = known & ((tags < 0) | (tags >= self.num_tags))
+        if bool(bad.any()):
+            values = sorted({int(t) for t in tags[bad].unique().tolist()})
+            raise ValueError(
+                f"routing_tags out of range in block {self.block_name or '<unnamed>'}: got {values}, but tags must be "
+                f"in 0..{self.num_tags - 1} (or -100 for unknown). Raise num_experts, or pass `tag_to_expert` to map "
+                "more tags onto the experts."
+            )
+        return torch.where(known, self.tag_to_expert[tags.clamp(min=0)], torch.full_like(tags, -100))
+
+    # ----- auxiliary losses -----------------------------------------------------------------------
+    def loss_coefficients(self) -> dict[str, float]:
+        """Weighted auxiliary terms this router adds; zero-weight terms are left out."""
+        if not self.learned:
+            return {}
+        c = self.config
+        coefs = {
+            "load_balance": c.router_aux_loss_coef,
+            "z_loss": c.router_z_loss_coef,
+            "tag_supervision": c.tag_supervision_coef,
+            "trimmed_lasso": c.trimmed_lasso_coef,
+        }
+        return {k: v for k, v in coefs.items() if v > 0}
+
+    def loss_terms(
+        self,
+        logits: torch.Tensor,
+        experts: torch.Tensor,
+        baseline: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
+        reward: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        """The weighted auxiliary losses of one decision, as functions of its logits (and baseline)."""
+        coefs = self.loss_coefficients()
+        terms: dict[str, torch.Tensor] = {}
+        probs = logits.softmax(dim=-1)
+        if "load_balance" in coefs:
+            terms["load_balance"] = coefs["load_balance"] * losses.load_balancing_loss(probs, experts, self.num_experts)
+        if "z_loss" in coefs:
+            terms["z_loss"] = coefs["z_loss"] * losses.router_z_loss(logits)
+        if "tag_supervision" in coefs and targets is not None:
+            terms["tag_supervision"] = coefs["tag_supervision"] * losses.tag_supervision_loss(logits, targets)
+        if "trimmed_lasso" in coefs:
+            terms["trimmed_lasso"] = coefs["trimmed_lasso"] * losses.trimmed_lasso_loss(probs, self.top_k)
+        return terms
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_experts={self.num_experts}, top_k={self.top_k}"
+
+
+def top_k_with_probs(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the k largest probabilities and those probabilities (not renormalised)."""
+    values, experts = probs.topk(k, dim=-1)
+    return experts, values
+
+
+def equal_weights(experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(experts.shape, 1.0 / experts.shape[-1], dtype=dtype, device=experts.device)
+
+
+def ceil_div(a: float, b: float) -> int:
+    return int(math.ceil(a / b))

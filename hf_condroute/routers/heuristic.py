@@ -1,0 +1,81 @@
+"""Heuristic routers of paper A section 2.3: tag, hash and monolithic. They have no parameters."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..hashing import block_salt, mix
+from .base import Router, RoutingDecision
+
+
+def _one_hot_decision(experts: torch.Tensor, num_experts: int, dtype: torch.dtype) -> RoutingDecision:
+    experts = experts.unsqueeze(-1)
+    weights = torch.ones(experts.shape, dtype=dtype, device=experts.device)
+    probs = F.one_hot(experts.squeeze(-1), num_experts).to(dtype)
+    return RoutingDecision(experts=experts, weights=weights, probs=probs)
+
+
+class TagRouter(Router):
+    """Expert = the example's tag, or `tag_to_expert[tag]` (paper A's Tag and Tag+)."""
+
+    name = "tag"
+    learned = False
+    uses_top_k = False
+    needs_tags = True
+
+    def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+        if tags is None:
+            raise ValueError(
+                f"The tag router of block {self.block_name or '<unnamed>'} needs `routing_tags`: pass "
+                "`routing_tags=` (LongTensor (batch,) or (batch, groups)) to the model's forward or generate, or "
+                "add a `routing_tags` column to your dataset."
+            )
+        targets = self.tag_targets(tags)
+        if bool((targets == -100).any()):
+            raise ValueError(
+                f"The tag router of block {self.block_name or '<unnamed>'} got tag -100 (unknown): tag routing needs "
+                "a known tag for every example. Give every example a tag, or use a learned router with "
+                "`tag_supervision_coef` to learn from partial tags."
+            )
+        return _one_hot_decision(targets, self.num_experts, x.dtype if x.is_floating_point() else torch.float32)
+
+
+class HashRouter(Router):
+    """A fixed pseudo-random expert per key and per block (Roller et al. 2021). The key is the example's
+    input-id content, the token id for per-token routing, or whatever the caller passes as `routing_keys`."""
+
+    name = "hash"
+    learned = False
+    uses_top_k = False
+    needs_keys = True
+
+    def __init__(self, in_features, num_experts, config, block_name=""):
+        super().__init__(in_features, num_experts, config, block_name)
+        self.salt = block_salt(block_name, config.hash_seed)
+
+    def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+        if keys is None:
+            raise ValueError(
+                f"The hash router of block {self.block_name or '<unnamed>'} has no key to hash: pass `input_ids`, or "
+                "`routing_keys=` (LongTensor (batch,)) when the model is fed `inputs_embeds`."
+            )
+        experts = mix(keys, self.salt) % self.num_experts
+        return _one_hot_decision(experts, self.num_experts, x.dtype if x.is_floating_point() else torch.float32)
+
+
+class MonolithicRouter(Router):
+    """Every row goes to the block's single expert (paper A's monolithic baseline)."""
+
+    name = "monolithic"
+    learned = False
+    uses_top_k = False
+
+    def __init__(self, in_features, num_experts, config, block_name=""):
+        super().__init__(in_features, 1, config, block_name)
+
+    def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+        experts = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return _one_hot_decision(experts, 1, x.dtype if x.is_floating_point() else torch.float32)

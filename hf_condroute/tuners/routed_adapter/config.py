@@ -1,0 +1,73 @@
+"""`RoutedAdapterConfig`: N bottleneck adapters per block, chosen per example (or token) by a router."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from ...routing_config import RoutingConfig
+from ..peft_types import ROUTED_ADAPTER
+
+# After self-attention and after the feed-forward of every layer (paper A); not after cross-attention.
+ROUTED_ADAPTER_TARGET_MODULES: dict[str, list[str]] = {
+    "t5": ["SelfAttention.o", "DenseReluDense.wo"],
+    "mt5": ["SelfAttention.o", "DenseReluDense.wo"],
+    "umt5": ["SelfAttention.o", "DenseReluDense.wo"],
+    "bert": ["attention.output.dense", "output.dense"],
+    "roberta": ["attention.output.dense", "output.dense"],
+    "xlm-roberta": ["attention.output.dense", "output.dense"],
+    "electra": ["attention.output.dense", "output.dense"],
+    "distilbert": ["attention.out_lin", "ffn.lin2"],
+    "bart": ["self_attn.out_proj", "fc2"],
+    "mbart": ["self_attn.out_proj", "fc2"],
+    "llama": ["self_attn.o_proj", "mlp.down_proj"],
+    "mistral": ["self_attn.o_proj", "mlp.down_proj"],
+    "qwen2": ["self_attn.o_proj", "mlp.down_proj"],
+}
+
+
+@dataclass
+class RoutedAdapterConfig(RoutingConfig, PeftConfig):
+    """Configuration of a [`RoutedAdapterModel`]: routed bottleneck adapters after chosen `nn.Linear` layers.
+
+    Each targeted layer's output y becomes y + sum_j w_j adapter_{e_j}(y), the experts e_j and weights w_j
+    chosen by the router (see `RoutingConfig` for every routing field). `target_modules=None` uses the
+    architecture default: after self-attention and after the feed-forward of every layer.
+
+    Args:
+        adapter_dim: bottleneck size of each adapter (paper A: d_model / 32 for T5).
+        adapter_activation: nonlinearity between the down and up projections.
+        init_weights: zero-initialise the up projections, so an untrained adapter changes nothing.
+        target_modules / exclude_modules / modules_to_save: as in every PEFT config.
+    """
+
+    adapter_dim: int = field(default=64, metadata={"help": "Bottleneck size of each adapter."})
+    adapter_activation: str = field(default="relu", metadata={"help": "relu, gelu, silu, tanh or identity."})
+    init_weights: bool = field(default=True, metadata={"help": "Zero-initialise the up projections."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names (suffixes) or a regex of the nn.Linear modules whose outputs get routed adapters. "
+            "None: the architecture default."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to leave out."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train and save, e.g. a classifier head or layer norms."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ROUTED_ADAPTER
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.adapter_dim < 1:
+            raise ValueError(f"adapter_dim must be >= 1, got {self.adapter_dim}.")
+        from ...experts import activation_fn
+
+        activation_fn(self.adapter_activation)
+        self.validate_routing()

@@ -1,0 +1,87 @@
+"""The tuner layer: an `nn.Linear` whose output y becomes y + routed_block(y)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from ...block import RoutedBlock
+from ...experts import AdapterBank
+from ...routers import build_router
+from .config import RoutedAdapterConfig
+
+MERGE_REFUSED = (
+    "Routed adapters cannot be merged into the base weights: each example's output depends on which experts its "
+    "router chose, which no single weight matrix can express. Keep the adapter, or call `unload()` to get the "
+    "base model back without it."
+)
+
+
+class RoutedAdapterLayer(BaseTunerLayer):
+    adapter_layer_names = ("routed_adapter_block",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, block_name: str, side: str, routing_state, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.routed_adapter_block = nn.ModuleDict()
+        self.block_name = block_name
+        self.side = side  # "self", "encoder" or "decoder": where its routing information comes from
+        self.routing_state = routing_state
+        self._disable_adapters = False
+        self.merged_adapters = []
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"Routed adapters wrap nn.Linear modules, but {block_name} is {type(base).__name__}. Choose "
+                "`target_modules` that name nn.Linear layers."
+            )
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, config: RoutedAdapterConfig, router_in_features: int) -> None:
+        router = build_router(config, router_in_features, self.block_name)
+        bank = AdapterBank(
+            router.num_experts,
+            self.out_features,
+            config.adapter_dim,
+            activation=config.adapter_activation,
+            init_weights=config.init_weights,
+        )
+        block = RoutedBlock(router, bank, config.routing_granularity, name=self.block_name)
+        block.record_key = (adapter_name, self.block_name)
+        self.routed_adapter_block[adapter_name] = block
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(MERGE_REFUSED)
+
+    def unmerge(self) -> None:
+        raise ValueError(MERGE_REFUSED)
+
+
+class Linear(nn.Module, RoutedAdapterLayer):
+    def __init__(self, base_layer, adapter_name, config, block_name, side, routing_state, router_in_features):
+        super().__init__()
+        RoutedAdapterLayer.__init__(self, base_layer, block_name, side, routing_state)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, router_in_features)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            block = self.routed_adapter_block[name] if name in self.routed_adapter_block else None
+            if block is None:
+                continue
+            inputs = self.routing_state.inputs_for(self.side, block.granularity)
+            dtype = block.experts.down_weight.dtype
+            result = result + block(result.to(dtype), inputs).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "routed_adapter." + super().__repr__()
