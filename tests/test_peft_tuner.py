@@ -315,3 +315,42 @@ def test_single_example_training_batch_is_explained():
     batch = {k: v[:1] for k, v in bert_batch().items()}
     with pytest.raises(ValueError, match="BatchNorm needs at least 2"):
         model(**batch)
+
+
+def test_any_model_with_linear_targets():
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(5, 6), torch.nn.Linear(6, 2)
+
+        def forward(self, x, labels=None):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), RoutedAdapterConfig(num_experts=3, adapter_dim=2, target_modules=["fc1"],
+                                                      init_weights=False))
+    model.train()
+    out = model(torch.randn(4, 5))
+    out.sum().backward()
+    decision = hf_condroute.get_routing(model)["fc1"]
+    assert decision.experts.shape == (4, 1)
+
+
+def test_causal_lm_token_routing_and_generation():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    with pytest.warns(UserWarning, match="causal language model"):
+        routed(LlamaForCausalLM(config), router="top_k")
+    model = routed(LlamaForCausalLM(config), router="hash", routing_granularity="token", task_type="CAUSAL_LM")
+    ids = torch.randint(2, 50, (2, 5))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.eval()
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, num_beams=2)
+    assert out.shape == (2, 8)
+    # token hash routing: with the cache, each step routes only its new token, on that token's id
+    last = hf_condroute.get_routing(model)["model.layers.0.mlp.down_proj"]
+    assert last.experts.shape[1] == 1
