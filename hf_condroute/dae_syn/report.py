@@ -1,0 +1,127 @@
+"""The study's outputs: `<stem>.json` (row -> loss, loss_sem, focus, cover, seeds), `<stem>.md` (the table beside
+paper A's numbers) and `<stem>.png` (loss and Focus/Cover against the fraction of tag-supervised images)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from .study import LEARNED_ROUTERS, SUPERVISION_PERCENTS, Row, TrainSettings
+
+# paper A Table 1 (plain rows) and Table 2 (subnet init), DAE-Syn column: loss on 64x64 images after 100k steps
+PAPER_LOSS = {
+    "tag": 0.2,
+    "hash": 1587.2,
+    "monolithic": 1018.6,
+    "top_k": 0.7,
+    "st_gumbel": 20.9,
+    "reinforce": 26.0,
+    "top_k+init": 0.2,
+    "st_gumbel+init": 3.9,
+    "reinforce+init": 26.9,
+}
+
+
+def write_json(summary: dict[str, dict], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+
+
+def _fmt(x: Optional[float], digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(summary: dict[str, dict]) -> str:
+    lines = [
+        "| Row | Loss (mean ± SEM) | Focus | Cover | Seeds | Paper A loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        loss = _fmt(s["loss"]) + ("" if s["loss_sem"] is None else f" ± {_fmt(s['loss_sem'])}")
+        paper = _fmt(PAPER_LOSS.get(name))
+        lines.append(f"| {name} | {loss} | {s['focus']:.2f} | {s['cover']:.2f} | {s['seeds']} | {paper} |")
+    return "\n".join(lines)
+
+
+def settings_text(settings: TrainSettings, workers: int, wall_seconds: float) -> str:
+    m = settings.model
+    return (
+        f"{m.image_size}x{m.image_size} images, widths {list(m.widths)}, features {m.feature_dim}, embeddings "
+        f"{m.embed_dim}; {settings.steps} steps of batch {settings.batch_size}, Adam lr {settings.lr:g} "
+        f"(warm-up {settings.warmup_ratio:.0%}, linear decay), gradient clip {settings.grad_clip:g}, tag supervision "
+        f"coefficient {settings.tag_supervision_coef:g} per block; {workers} worker process(es); "
+        f"wall time {wall_seconds / 60:.1f} min."
+    )
+
+
+def write_markdown(summary: dict[str, dict], settings: TrainSettings, workers: int, wall_seconds: float, path: str) -> None:
+    text = (
+        "# DAE-Syn (paper A, section 3): reconstruction loss over all 4096 images\n\n"
+        "Loss = sum of squared pixel errors per image (pixels in [0, 1]), averaged over the images, after training. "
+        "Focus/Cover: paper A section 4.2, over the 4 blocks x 8 subnetworks and the 4 factors x 8 tags. The paper "
+        "trained 64x64 images for 100k steps, so compare orderings, not values.\n\n"
+        f"{markdown_table(summary)}\n\nSettings: {settings_text(settings, workers, wall_seconds)}\n"
+    )
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def plot_supervision(summary: dict[str, dict], path: str) -> bool:
+    """Loss (log scale) and Focus/Cover against the tag-supervised fraction, for each learned router that has
+    rows; the heuristic rows as horizontal lines. Returns False (and writes nothing) when no router has a
+    supervision row."""
+    routers = [r for r in LEARNED_ROUTERS if any(Row(r, supervision_percent=p).name in summary for p in SUPERVISION_PERCENTS)]
+    if not routers:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    percents = (0, *SUPERVISION_PERCENTS)
+    labels = [f"{p}%" for p in percents]
+    fig, (ax_loss, ax_fc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, router in enumerate(routers):
+        names = [Row(router, supervision_percent=p).name for p in percents]
+        xs = [x for x, n in enumerate(names) if n in summary]
+        rows = [summary[n] for n in names if n in summary]
+        color = f"C{i}"
+        ax_loss.errorbar(
+            xs, [r["loss"] for r in rows], yerr=[r["loss_sem"] or 0.0 for r in rows], marker="o", capsize=3,
+            color=color, label=router,
+        )  # fmt: skip
+        ax_fc.plot(xs, [r["focus"] for r in rows], marker="o", color=color, label=f"{router} focus")
+        ax_fc.plot(xs, [r["cover"] for r in rows], marker="s", linestyle="--", color=color, label=f"{router} cover")
+    for j, name in enumerate(("tag", "hash", "monolithic")):
+        if name in summary:
+            ax_loss.axhline(summary[name]["loss"], color="0.4", linestyle=(0, (1 + 2 * j, 2)), linewidth=1, label=name)
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss over all images (log scale)")
+    ax_fc.set_ylabel("Focus (solid) / Cover (dashed)")
+    ax_fc.set_ylim(0, 1.05)
+    for ax in (ax_loss, ax_fc):
+        ax.set_xticks(range(len(percents)), labels)
+        ax.set_xlabel("images with tag supervision")
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    ax_fc.legend(fontsize=7, ncol=2)
+    fig.suptitle("DAE-Syn: effect of tag supervision (paper A Figure 2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(
+    summary: dict[str, dict], settings: TrainSettings, workers: int, wall_seconds: float, output_dir: str, stem: str
+) -> list[str]:
+    os.makedirs(output_dir, exist_ok=True)
+    base = os.path.join(output_dir, stem)
+    write_json(summary, base + ".json")
+    write_markdown(summary, settings, workers, wall_seconds, base + ".md")
+    written = [base + ".json", base + ".md"]
+    if plot_supervision(summary, base + ".png"):
+        written.append(base + ".png")
+    return written

@@ -1,0 +1,239 @@
+"""Training, evaluation and the rows of paper A's DAE-Syn study (Tables 1-4, Figure 2).
+
+A row is a router plus optional tag supervision (paper A 4.4) or subnet init (4.3); each row is trained once
+per seed and scored by the reconstruction loss over all 4096 images after a fixed number of steps, with
+Focus/Cover of its routing. Training goes through the core exactly as the PEFT tuner does: one `RoutingStep`
+per forward, `set_reward` with each image's own loss (REINFORCE), `add_to_loss` for the auxiliary losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from ..metrics import routing_focus_cover
+from ..step import RoutingStep
+from .data import DAESynData, NUM_VALUES
+from .model import DAEConfig, DiscreteAutoencoder, routing_configs
+
+HEURISTIC_ROUTERS = ("tag", "hash", "monolithic")
+# the routers whose decisions are learned, so tag supervision and subnet init apply to them
+LEARNED_ROUTERS = ("top_k", "st_gumbel", "reinforce", "moesart")
+SUPERVISION_PERCENTS = (1, 10, 100)
+TOP_K = {"moesart": 2}  # MOESART needs k >= 2 (paper B); every other router picks one vector per block
+PAPER_GUMBEL_STEPS = 100_000  # the paper code anneals ST-Gumbel's temperature at 1e-4 per step over 100k steps
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the study: `router`, `router+sup<percent>` or `router+init`."""
+
+    router: str
+    supervision_percent: int = 0  # images whose tags supervise the routers, in percent
+    subnet_init: bool = False  # experts and decoder start from this seed's tag-routing model
+
+    def __post_init__(self):
+        if self.router not in HEURISTIC_ROUTERS + LEARNED_ROUTERS:
+            raise ValueError(
+                f"Unknown DAE-Syn router {self.router!r}: choose one of {', '.join(HEURISTIC_ROUTERS + LEARNED_ROUTERS)}."
+            )
+        if (self.supervision_percent or self.subnet_init) and self.router not in LEARNED_ROUTERS:
+            raise ValueError(
+                f"Tag supervision and subnet init apply to learned routers ({', '.join(LEARNED_ROUTERS)}), not "
+                f"{self.router!r}."
+            )
+        if not 0 <= self.supervision_percent <= 100:
+            raise ValueError(f"supervision_percent must be in 0..100, got {self.supervision_percent}.")
+        if self.supervision_percent and self.subnet_init:
+            raise ValueError("A row has tag supervision or subnet init, not both.")
+
+    @property
+    def name(self) -> str:
+        if self.supervision_percent:
+            return f"{self.router}+sup{self.supervision_percent}"
+        return f"{self.router}+init" if self.subnet_init else self.router
+
+    @classmethod
+    def parse(cls, name: str) -> "Row":
+        """'top_k', 'top_k+sup10' or 'top_k+init'."""
+        router, _, suffix = name.partition("+")
+        if not suffix:
+            return cls(router)
+        if suffix == "init":
+            return cls(router, subnet_init=True)
+        if suffix.startswith("sup") and suffix[3:].isdigit():
+            return cls(router, supervision_percent=int(suffix[3:]))
+        raise ValueError(f"Cannot read row {name!r}: use ROUTER, ROUTER+sup<percent> (e.g. top_k+sup10) or ROUTER+init.")
+
+
+def default_rows() -> list[Row]:
+    rows = [Row(r) for r in HEURISTIC_ROUTERS + LEARNED_ROUTERS]
+    rows += [Row(r, supervision_percent=p) for p in SUPERVISION_PERCENTS for r in LEARNED_ROUTERS]
+    rows += [Row(r, subnet_init=True) for r in LEARNED_ROUTERS]
+    return rows
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How each row is trained; see README "Results: DAE-Syn" for why these differ from the paper's code."""
+
+    steps: int = 2500
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_ratio: float = 0.1  # linear warm-up, then linear decay to 0
+    grad_clip: float = 1.0
+    tag_supervision_coef: float = 1.0  # per block, so the four blocks add up as in the paper's code
+    eval_batch_size: int = 512
+    model: DAEConfig = DAEConfig()
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError(
+                f"Need steps >= 1 and batch_size >= 2 (the routers' BatchNorm), got {self.steps} and {self.batch_size}."
+            )
+
+
+def routing_for(row: Row, settings: TrainSettings, seed: int) -> list:
+    """The four blocks' RoutingConfigs of a row."""
+    overrides = dict(top_k=TOP_K.get(row.router, 1), hash_seed=seed)
+    if row.router == "st_gumbel":
+        # reach the temperature floor at the same fraction of training as the paper's 1e-4 over 100k steps
+        overrides["gumbel_anneal_rate"] = 1e-4 * PAPER_GUMBEL_STEPS / settings.steps
+    if row.supervision_percent:
+        overrides["tag_supervision_coef"] = settings.tag_supervision_coef
+    return routing_configs(row.router, **overrides)
+
+
+def supervised_tags(tags: torch.Tensor, percent: int, seed: int) -> torch.Tensor:
+    """`tags` with -100 outside a fixed random subset of round(percent% of the images), chosen by `seed`."""
+    n = tags.shape[0]
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))[: round(n * percent / 100)]
+    out = torch.full_like(tags, -100)
+    out[keep] = tags[keep]
+    return out
+
+
+def per_image_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors of each image (B,)."""
+    return (recon - images).pow(2).flatten(1).sum(dim=1)
+
+
+def train(
+    model: DiscreteAutoencoder,
+    data: DAESynData,
+    settings: TrainSettings,
+    seed: int,
+    tags: Optional[torch.Tensor],
+    on_steps: Optional[Callable[[int], None]] = None,
+) -> list[float]:
+    """Adam with warm-up and linear decay, gradient clipping; batches drawn epoch by epoch without replacement.
+    `tags` are the routing tags the blocks see in training (-100 where unknown), or None. Returns the training
+    loss (reconstruction plus auxiliary losses) of every 100th step."""
+    images = data.images.contiguous(memory_format=torch.channels_last)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * settings.steps), settings.steps)
+    order = torch.Generator().manual_seed(seed)
+    perm, pos, curve = torch.randperm(len(data), generator=order), 0, []
+    for step_index in range(settings.steps):
+        if pos + settings.batch_size > len(perm):
+            perm, pos = torch.randperm(len(data), generator=order), 0
+        idx = perm[pos : pos + settings.batch_size]
+        pos += settings.batch_size
+        x = images[idx]
+        step = RoutingStep()
+        losses = per_image_loss(model(x, tags=None if tags is None else tags[idx], keys=idx, step=step), x)
+        step.set_reward(losses)
+        loss = step.add_to_loss(losses.mean())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if step_index % 100 == 0:
+            curve.append(float(loss.detach()))
+        if on_steps is not None and (step_index + 1) % 50 == 0:
+            on_steps(50)
+    if on_steps is not None:
+        on_steps(settings.steps % 50)
+    return curve
+
+
+@torch.no_grad()
+def evaluate(model: DiscreteAutoencoder, data: DAESynData, batch_size: int = 512) -> dict[str, float]:
+    """Mean per-image squared error over all images in eval mode (routers deterministic), and Focus/Cover of the
+    routing against the four factors' 32 tags."""
+    model.eval()
+    images = data.images.contiguous(memory_format=torch.channels_last)
+    losses, routing = [], []
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        step = RoutingStep()
+        losses.append(per_image_loss(model(images[idx], tags=data.tags[idx], keys=idx, step=step), images[idx]))
+        routing.append({name: record.user_decision() for name, record in step.records.items()})
+    focus, cover, _ = routing_focus_cover(routing, data.tags, NUM_VALUES)
+    return {"loss": float(torch.cat(losses).mean()), "focus": focus, "cover": cover}
+
+
+def build_model(row: Row, settings: TrainSettings, seed: int) -> DiscreteAutoencoder:
+    torch.manual_seed(seed)
+    model = DiscreteAutoencoder(routing_for(row, settings, seed), settings.model)
+    return model.to(memory_format=torch.channels_last)
+
+
+def run_row(
+    row: Row,
+    seed: int,
+    data: DAESynData,
+    settings: TrainSettings,
+    pretrained: Optional[dict[str, torch.Tensor]] = None,
+    on_steps: Optional[Callable[[int], None]] = None,
+) -> tuple[dict[str, float], Optional[dict[str, torch.Tensor]]]:
+    """Train and evaluate one row for one seed. Returns its scores and, for the tag row, the subnetworks and
+    decoder that subnet-init rows start from. A `+init` row needs `pretrained` (see `pretrain_for_init`)."""
+    model = build_model(row, settings, seed)
+    if row.subnet_init:
+        if pretrained is None:
+            raise ValueError(f"Row {row.name} starts from a tag-routing model: pass `pretrained=` (pretrain_for_init).")
+        model.load_state_dict(pretrained, strict=False)
+    if row.router == "tag":
+        tags = data.tags
+    elif row.supervision_percent:
+        tags = supervised_tags(data.tags, row.supervision_percent, seed)
+    else:
+        tags = None
+    curve = train(model, data, settings, seed, tags, on_steps)
+    scores = evaluate(model, data, settings.eval_batch_size)
+    scores["final_train_loss"] = curve[-1]
+    carried = model.subnetworks_and_decoder() if row.router == "tag" else None
+    return scores, carried
+
+
+def pretrain_for_init(
+    seed: int, data: DAESynData, settings: TrainSettings, on_steps: Optional[Callable[[int], None]] = None
+) -> dict[str, torch.Tensor]:
+    """Paper A 4.3's first phase: the tag row of this seed, trained for as many steps."""
+    return run_row(Row("tag"), seed, data, settings, on_steps=on_steps)[1]
+
+
+def summarize(per_seed: list[dict[str, float]]) -> dict[str, float | int | None]:
+    """Mean over seeds; loss_sem is the standard error of the mean loss (None for one seed)."""
+    n = len(per_seed)
+    losses = torch.tensor([s["loss"] for s in per_seed], dtype=torch.float64)
+    sem = float(losses.std(unbiased=True) / math.sqrt(n)) if n > 1 else None
+    return {
+        "loss": float(losses.mean()),
+        "loss_sem": sem,
+        "focus": sum(s["focus"] for s in per_seed) / n,
+        "cover": sum(s["cover"] for s in per_seed) / n,
+        "seeds": n,
+    }
+
+
+def with_steps(settings: TrainSettings, steps: int) -> TrainSettings:
+    return dataclasses.replace(settings, steps=steps)
