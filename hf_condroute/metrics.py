@@ -280,9 +280,9 @@ def mean_probs_entropy(probs: torch.Tensor, experts: Optional[torch.Tensor] = No
     return float(h.mean() / math.log(n))
 
 
-def flip_rate(experts_a: torch.Tensor, experts_b: torch.Tensor) -> float:
-    """Fraction of rows (examples, or tokens) whose set of chosen experts differs between two evaluations of
-    the same examples. Slot order does not matter; rows empty in both (padding) are left out."""
+def flip_counts(experts_a: torch.Tensor, experts_b: torch.Tensor) -> tuple[int, int]:
+    """(rows whose set of chosen experts differs, rows routed in either) between two decisions (..., k) of the
+    same examples. Slot order does not matter; rows empty in both (padding) are left out."""
     if experts_a.shape != experts_b.shape:
         raise ValueError(
             f"The two decisions have shapes {tuple(experts_a.shape)} and {tuple(experts_b.shape)}: compare "
@@ -292,10 +292,17 @@ def flip_rate(experts_a: torch.Tensor, experts_b: torch.Tensor) -> float:
     a = experts_a.reshape(-1, k).sort(-1).values
     b = experts_b.reshape(-1, k).sort(-1).values
     routed = (a >= 0).any(-1) | (b >= 0).any(-1)
-    if not bool(routed.any()):
+    flipped = (a != b).any(-1) & routed
+    return int(flipped.sum()), int(routed.sum())
+
+
+def flip_rate(experts_a: torch.Tensor, experts_b: torch.Tensor) -> float:
+    """Fraction of rows (examples, or tokens) whose set of chosen experts differs between two evaluations of
+    the same examples (see `flip_counts`)."""
+    flipped, routed = flip_counts(experts_a, experts_b)
+    if routed == 0:
         raise ValueError("No routed rows in either decision: every slot is -1.")
-    flipped = (a != b).any(-1)
-    return float(flipped[routed].double().mean())
+    return flipped / routed
 
 
 def routing_flip_rate(routing_a: Routing, routing_b: Routing) -> dict[str, float]:
