@@ -251,7 +251,7 @@ def normalized_entropy(p: torch.Tensor) -> float:
     if n == 1:
         return 1.0
     h = -(p * torch.log(p.clamp(min=1e-300))).sum()
-    return float(h / math.log(n))
+    return float(h / math.log(n)) + 0.0  # + 0.0: no -0.0 for a single used expert
 
 
 def max_share(counts: torch.Tensor) -> float:
