@@ -166,22 +166,20 @@ def test_supervised_tags_keep_a_fixed_subset_per_seed(data):
 
 
 def test_tag_supervision_teaches_the_routers_the_factors(data):
-    """With every image supervised, the routers learn the factors from the pixels (the background, a colour of
-    the whole image, first): accuracy far above chance (1/8); without supervision the loss term is absent."""
-    settings = TrainSettings(steps=150, lr=1e-2, warmup_ratio=0.0, tag_supervision_coef=1.0, model=TINY)
-    row = Row("top_k", supervision_percent=100)
-    model = build_model(row, settings, seed=0)
+    """With every image supervised, the routers learn factors from the pixels, the easy ones first (background
+    colour, then position) far above chance (1/8); without supervision the loss term is absent."""
+    settings = TrainSettings(steps=200, lr=3e-3, warmup_ratio=0.0, tag_supervision_coef=1.0)
+    model = build_model(Row("top_k", supervision_percent=100), settings, seed=0)
     train(model, data, settings, seed=0, tags=supervised_tags(data.tags, 100, 0))
     model.eval()
     step = RoutingStep()
     with torch.no_grad():
-        model(data.images[:1024], step=step)
+        model(data.images, step=step)
     accuracy = [
-        float((record.decision.experts[:, 0] == data.tags[:1024, i]).float().mean())
+        float((record.decision.experts[:, 0] == data.tags[:, i]).float().mean())
         for i, record in enumerate(step.records.values())
     ]
-    assert accuracy[3] > 0.9, accuracy  # background colour
-    assert sum(accuracy) / 4 > 0.4, accuracy
+    assert accuracy[3] > 0.9 and accuracy[1] > 0.3, accuracy
 
     model.train()
     step = RoutingStep()

@@ -8,7 +8,6 @@ per forward, `set_reward` with each image's own loss (REINFORCE), `add_to_loss` 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -82,7 +81,7 @@ def default_rows() -> list[Row]:
 class TrainSettings:
     """How each row is trained; see README "Results: DAE-Syn" for why these differ from the paper's code."""
 
-    steps: int = 2500
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_ratio: float = 0.1  # linear warm-up, then linear decay to 0
@@ -233,7 +232,3 @@ def summarize(per_seed: list[dict[str, float]]) -> dict[str, float | int | None]
         "cover": sum(s["cover"] for s in per_seed) / n,
         "seeds": n,
     }
-
-
-def with_steps(settings: TrainSettings, steps: int) -> TrainSettings:
-    return dataclasses.replace(settings, steps=steps)
