@@ -54,7 +54,7 @@ class _InProcess:
         future.set_result(fn(*args))
         return future
 
-    def shutdown(self) -> None:
+    def shutdown(self, cancel_futures: bool = False) -> None:
         pass
 
 
@@ -118,7 +118,7 @@ def run_study(
                 for init_row in init_rows if carried is not None else []:
                     submit(init_row, seed, carried)
     finally:
-        executor.shutdown()
+        executor.shutdown(cancel_futures=True)  # after a failed row, do not wait for the queued ones
         if workers == 1:
             _listener = None
             torch.set_num_threads(previous_threads)
