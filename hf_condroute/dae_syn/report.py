@@ -98,6 +98,7 @@ def plot_supervision(summary: dict[str, dict], path: str) -> bool:
         if name in summary:
             ax_loss.axhline(summary[name]["loss"], color="0.4", linestyle=(0, (1 + 2 * j, 2)), linewidth=1, label=name)
     ax_loss.set_yscale("log")
+    ax_loss.set_ylim(top=8 * max(r["loss"] for r in summary.values()))  # room for the legend above every line
     ax_loss.set_ylabel("loss over all images (log scale)")
     ax_fc.set_ylabel("Focus (solid) / Cover (dashed)")
     ax_fc.set_ylim(0, 1.05)
@@ -105,7 +106,7 @@ def plot_supervision(summary: dict[str, dict], path: str) -> bool:
         ax.set_xticks(range(len(percents)), labels)
         ax.set_xlabel("images with tag supervision")
         ax.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
+    ax_loss.legend(fontsize=8, ncol=2, loc="upper right")
     ax_fc.legend(fontsize=7, ncol=2)
     fig.suptitle("DAE-Syn: effect of tag supervision (paper A Figure 2)")
     fig.tight_layout()

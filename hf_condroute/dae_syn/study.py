@@ -25,7 +25,7 @@ HEURISTIC_ROUTERS = ("tag", "hash", "monolithic")
 LEARNED_ROUTERS = ("top_k", "st_gumbel", "reinforce", "moesart")
 SUPERVISION_PERCENTS = (1, 10, 100)
 TOP_K = {"moesart": 2}  # MOESART needs k >= 2 (paper B); every other router picks one vector per block
-PAPER_GUMBEL_STEPS = 100_000  # the paper code anneals ST-Gumbel's temperature at 1e-4 per step over 100k steps
+PAPER_GUMBEL_STEPS = 100_000  # the paper code: anneal rate 1e-4 (the core default) over 100k steps
 
 
 @dataclass(frozen=True)
