@@ -174,47 +174,83 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(24, 32, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    b = torch.randn(3, 32, 16, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    bias = torch.randn(3, 16, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)  # an empty group too
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    a, b, bias, scale = rand(24, 32), rand(3, 32, 16), rand(3, 16), rand(24)
+    counts = [8, 0, 16]  # an empty group too
+    offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
     with torch.enable_grad():
-        out = _GroupedLinear.apply(a, b, offs, bias, 8)
-        grads = torch.autograd.grad(out.float().sum(), (a, b, bias))
-        ref = torch.cat([a[:8] @ b[0], a[8:] @ b[2]]) + bias.repeat_interleave(8, 0)
-        ref_grads = torch.autograd.grad(ref.float().sum(), (a, b, bias))
+        out = _GroupedLinear.apply(a, b, offs, counts, bias, scale)
+        grads = torch.autograd.grad(out.float().sum(), (a, b, bias, scale))
+        ref = _looped_linear(a, b, counts, bias, scale)
+        ref_grads = torch.autograd.grad(ref.float().sum(), (a, b, bias, scale))
     pairs = [(out, ref), *zip(grads, ref_grads)]
     return all(torch.allclose(x.float(), y.float(), rtol=2e-2, atol=2e-2) for x, y in pairs)
 
 
+def _segments(counts: list[int]):
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            yield e, start, start + c
+        start += c
+
+
 class _GroupedLinear(torch.autograd.Function):
-    """F.grouped_mm(a, b, offs) plus a bias added in place, with a backward that runs grouped_mm too.
+    """F.grouped_mm(a, b, offs), plus row_scale[i] * bias[e] added in place to each row i of group e.
 
     Its own backward because grouped_mm's refuses gradients that are not dense (e.g. from `out.sum()`),
-    and so that the bias costs no extra buffer. bias (G, H) is added to each of G consecutive blocks of
-    `repeat` output rows."""
+    and so that the bias needs no (rows, H) buffer: it is added group by group (a loop over experts, not
+    rows)."""
 
     @staticmethod
-    def forward(ctx, a, b, offs, bias, repeat):
+    def forward(ctx, a, b, offs, counts, bias, row_scale):
         out = F.grouped_mm(a, b, offs=offs)
         if bias is not None:
-            out.view(bias.shape[0], repeat, -1).add_(bias.unsqueeze(1))
-        ctx.save_for_backward(a, b, offs)
-        ctx.repeat, ctx.has_bias = repeat, bias is not None
+            for e, start, end in _segments(counts):
+                if row_scale is None:
+                    out[start:end].add_(bias[e])
+                else:
+                    out[start:end].addr_(row_scale[start:end], bias[e])
+        ctx.save_for_backward(a, b, offs, bias, row_scale)
+        ctx.counts = counts
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        a, b, offs = ctx.saved_tensors
+        a, b, offs, bias, row_scale = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_a = grad_b = grad_bias = None
+        grad_a = grad_b = grad_bias = grad_scale = None
         if ctx.needs_input_grad[0]:
             grad_a = F.grouped_mm(grad, b.transpose(-2, -1), offs=offs)
         if ctx.needs_input_grad[1]:
             grad_b = F.grouped_mm(a.transpose(-2, -1), grad, offs=offs)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad.view(-1, ctx.repeat, grad.shape[-1]).sum(1)
-        return grad_a, grad_b, None, grad_bias, None
+        if bias is not None and ctx.needs_input_grad[4]:
+            grad_bias = torch.zeros_like(bias)
+            for e, start, end in _segments(ctx.counts):
+                if row_scale is None:
+                    torch.sum(grad[start:end], 0, out=grad_bias[e])
+                else:
+                    torch.mv(grad[start:end].t(), row_scale[start:end], out=grad_bias[e])
+        if row_scale is not None and ctx.needs_input_grad[5]:
+            grad_scale = torch.zeros_like(row_scale)
+            for e, start, end in _segments(ctx.counts):
+                torch.mv(grad[start:end], bias[e], out=grad_scale[start:end])
+        return grad_a, grad_b, None, None, grad_bias, grad_scale
+
+
+def _looped_linear(a, b, counts, bias=None, row_scale=None):
+    """The same as _GroupedLinear with one matmul per non-empty group (where grouped_mm is unsupported)."""
+    per_expert = b.unbind(0)  # one backward node stacks the per-expert gradients
+    parts = []
+    for e, start, end in _segments(counts):
+        part = a[start:end] @ per_expert[e]
+        if bias is not None:
+            part = part + bias[e] if row_scale is None else torch.addr(part, row_scale[start:end], bias[e])
+        parts.append(part)
+    return torch.cat(parts) if parts else a.new_zeros(0, b.shape[2])
 
 
 def _grouped_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -234,21 +270,16 @@ def grouped_linear(
     offsets: torch.Tensor,
     counts: list[int],
     bias: Optional[torch.Tensor] = None,
+    row_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """a (M, D), its rows grouped by expert (group e has counts[e] rows and ends at offsets[e]), times
-    b[e] (N, D, H) -> (M, H); bias (G, H) is added to each block of M / G consecutive rows.
+    b[e] (N, D, H) -> (M, H), plus bias[e] (N, H) on each row of group e, times row_scale (M,) if given.
 
     One `torch.nn.functional.grouped_mm` where this device and dtype support it (on CPU it runs each group
     as one large GEMM; on CUDA it needs bf16 and a recent GPU), else one matmul per non-empty group."""
-    repeat = a.shape[0] // bias.shape[0] if bias is not None and bias.shape[0] else 1
     if a.shape[0] > 0 and _grouped_mm_fits(a, b):
-        return _GroupedLinear.apply(a.contiguous(), b, offsets, bias, repeat)
-    per_expert = b.unbind(0)  # one backward node stacks the per-expert gradients
-    parts = [chunk @ per_expert[e] for e, chunk in enumerate(a.split(counts)) if counts[e] > 0]
-    out = torch.cat(parts) if parts else a.new_zeros(0, b.shape[2])
-    if bias is None:
-        return out
-    return (out.view(bias.shape[0], repeat, -1) + bias.unsqueeze(1)).view(out.shape)
+        return _GroupedLinear.apply(a.contiguous(), b, offsets, counts, bias, row_scale)
+    return _looped_linear(a, b, counts, bias, row_scale)
 
 
 # ----- two-matmul experts ---------------------------------------------------------------------------
@@ -298,6 +329,7 @@ def expert_mlp(
 
     `strategy` forces one of 'dense', 'per_row', 'grouped' (for tests and benchmarks); None picks the
     cheapest."""
+    mlp.check()
     num_experts, d, _ = mlp.w1.shape
     if x.shape[-1] != d:
         raise ValueError(f"The experts take {d} input features, but the rows have {x.shape[-1]}.")
@@ -313,7 +345,9 @@ def expert_mlp(
     empty, counts = count_assignments(experts, num_experts)
     assignments = rows * width - empty
     if assignments == 0 or length == 0:
-        return x.new_zeros(*x.shape[:-1], out_features)
+        # zeros that still reach every parameter, so DDP sees no unused parameter when no row is routed
+        anchor = sum(t.sum() for t in (mlp.w1, mlp.b1, mlp.w2, mlp.b2) if t is not None) * 0
+        return x.new_zeros(*x.shape[:-1], out_features) + anchor.to(x.dtype)
     weights = weights.to(x.dtype)
     if empty:  # an empty slot's weight is exactly 0 and gets no gradient, whatever the router put there
         weights = weights.masked_fill(experts < 0, 0.0)
@@ -387,13 +421,10 @@ def _grouped_mlp(seq, experts, weights, mlp: ExpertMLPWeights, act, counted):
     token_counts = [c * length for c in g.counts]
     token_offsets = g.offsets * length
     grouped = gather_rows(seq, g).reshape(n_assign * length, d)
-    b1 = mlp.b1.index_select(0, g.experts) if mlp.b1 is not None else None
-    hidden = grouped_linear(grouped, mlp.w1, token_offsets, token_counts, b1)
-    hidden = act(hidden) * g.weights.repeat_interleave(length).unsqueeze(1)
-    b2 = None
-    if mlp.b2 is not None:
-        b2 = mlp.b2.index_select(0, g.experts) * g.weights.unsqueeze(1)
-    out = grouped_linear(hidden, mlp.w2, token_offsets, token_counts, b2)
+    hidden = grouped_linear(grouped, mlp.w1, token_offsets, token_counts, mlp.b1)
+    token_weights = g.weights.repeat_interleave(length) if length > 1 else g.weights
+    hidden = act(hidden) * token_weights.unsqueeze(1)
+    out = grouped_linear(hidden, mlp.w2, token_offsets, token_counts, mlp.b2, token_weights)
     return combine_rows(out.view(n_assign, length, -1), g, rows)
 
 

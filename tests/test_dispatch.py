@@ -122,6 +122,8 @@ def test_no_filled_slot_gives_zeros_of_the_right_shape():
     x = torch.randn(3, 2, D, dtype=torch.float64)
     out = expert_mlp(x, torch.full((3, 2), -1), torch.zeros(3, 2), bank.mlp_weights(), bank.act)
     assert out.shape == (3, 2, D) and (out == 0).all()
+    out.sum().backward()  # every parameter still gets a (zero) gradient: DDP sees no unused parameter
+    assert all(p.grad is not None and (p.grad == 0).all() for p in bank.parameters())
     out = expert_mlp(x[:0], torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1), bank.mlp_weights(), bank.act)
     assert out.shape == (0, 2, D)
 
@@ -151,6 +153,9 @@ def test_bad_decisions_are_refused_with_the_fix():
         bank(x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
     with pytest.raises(ValueError, match="take 16 input features"):
         bank(torch.randn(3, 2, 5), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        expert_mlp(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), ExpertMLPWeights(
+            bank.down_weight, None, bank.up_weight.transpose(1, 2), None), bank.act)
     with pytest.raises(ValueError, match="Unknown dispatch strategy"):
         expert_mlp(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), bank.mlp_weights(), bank.act, "fast")
 
@@ -170,21 +175,25 @@ def test_grouped_linear_fallback_matches_grouped_mm(monkeypatch):
     torch.manual_seed(0)
     a = torch.randn(12, D, requires_grad=True)
     b = torch.randn(3, D, H, requires_grad=True)
-    bias = torch.randn(4, H, requires_grad=True)
+    bias = torch.randn(3, H, requires_grad=True)
+    scale = torch.randn(12, requires_grad=True)
     counts = [3, 0, 9]
     offsets = torch.tensor(counts).cumsum(0).int()
     grad = torch.randn(12, H)
 
     def run():
-        out = grouped_linear(a, b, offsets, counts, bias)
-        return (out, *torch.autograd.grad(out, (a, b, bias), grad))
+        out = grouped_linear(a, b, offsets, counts, bias, scale)
+        plain = grouped_linear(a, b, offsets, counts, bias)
+        return (out, plain, *torch.autograd.grad((out, plain), (a, b, bias, scale), (grad, grad)))
 
     fast = run()
     monkeypatch.setitem(experts_mod._GROUPED_MM_OK, (a.device.type, a.device.index, a.dtype), False)
     loop = run()
     for x, y in zip(fast, loop):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
-    assert (fast[2][1] == 0).all()  # the empty group's weights get no gradient
+    expected = torch.cat([a[:3] @ b[0] + scale[:3, None] * bias[0], a[3:] @ b[2] + scale[3:, None] * bias[2]])
+    torch.testing.assert_close(fast[0], expected)
+    assert (fast[3][1] == 0).all() and (fast[4][1] == 0).all()  # the empty group gets no gradient
 
 
 def test_grouped_mm_is_probed_per_dtype():
