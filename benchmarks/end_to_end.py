@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 from torch import nn
@@ -42,6 +44,7 @@ from common import (  # noqa: E402
     report,
     setup,
     summarize,
+    synchronize,
     tensor_bytes,
     time_interleaved,
 )
@@ -172,17 +175,32 @@ def main(argv=None) -> dict:
         # would make the step's cost grow with the parameter count far more than the adapters themselves do
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
 
-        def step(model=model, optimizer=optimizer, extra=extra):
+        optimizer_seconds = info.setdefault(name, {}).setdefault("optimizer_seconds", [])
+
+        def step(model=model, optimizer=optimizer, extra=extra, seconds=optimizer_seconds):
             loss = model(**batch, **extra).loss
             loss.backward()
+            synchronize(device)
+            start = time.perf_counter()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
 
         models[name] = (model, optimizer)
         steps[name] = step
-        info[name] = {"trainable_params": sum(p.numel() for p in trainable)}
+        info[name]["trainable_params"] = sum(p.numel() for p in trainable)
     wall, cpu = time_interleaved(steps, args.reps, args.warmup, device)
     stats, cpu_stats = summarize(wall, BASELINE), summarize(cpu, BASELINE)
+    # the same ratio without the optimizer step (forward + backward only), and the step's own median
+    for name in names:
+        timed = info[name].pop("optimizer_seconds")[-args.reps:]
+        info[name]["optimizer_ms"] = statistics.median(timed) * 1e3
+        wall[name] = [w - o for w, o in zip(wall[name], timed)]
+    fwd_bwd = summarize(wall, BASELINE)
+    for name in names:
+        info[name]["forward_backward_ratio"] = fwd_bwd[name]["ratio"]
+        info[name]["forward_backward_ratio_iqr"] = [fwd_bwd[name]["ratio_q1"], fwd_bwd[name]["ratio_q3"]]
     if not args.no_memory:
         for name in names:
             model, optimizer = models[name]
@@ -215,7 +233,10 @@ def main(argv=None) -> dict:
         "baseline": BASELINE,
         "results": {name: {**stats[name], "cpu_time": cpu_stats[name], **info[name]} for name in names},
     }
-    headers = ["variant", "median ms", "IQR ms", "ratio", "ratio IQR", "CPU-time ratio", "trainable params"]
+    headers = [
+        "variant", "median ms", "IQR ms", "ratio", "ratio IQR", "CPU-time ratio", "fwd+bwd ratio", "optimizer ms",
+        "trainable params",
+    ]
     if not args.no_memory:
         headers += ["peak MiB", "peak above state MiB (ratio)", "peak / allowance"]
     rows = []
@@ -228,6 +249,8 @@ def main(argv=None) -> dict:
             f"{s['ratio']:.3f}",
             f"{s['ratio_q1']:.3f}-{s['ratio_q3']:.3f}",
             f"{c['ratio']:.3f}",
+            f"{info[name]['forward_backward_ratio']:.3f}",
+            f"{info[name]['optimizer_ms']:.0f}",
             f"{info[name]['trainable_params']:,}",
         ]
         if not args.no_memory:

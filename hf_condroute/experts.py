@@ -55,9 +55,12 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
 }
 
-# Cost model: moving one value through memory (a gather, its backward) costs about as much as this many
-# multiply-adds. A rough CPU/GPU figure; it only decides between exact strategies, never the result.
+# Cost model, in multiply-adds: moving one value through memory (a gather, or its backward) costs about
+# MOVE_COST_IN_MACS; the grouped strategy's fixed work (sorting, permutations, one launch per expert) about
+# GROUPED_OVERHEAD_IN_MACS (~1 ms of one CPU core). Rough figures measured on CPU; they only choose
+# between exact strategies, never change a result.
 MOVE_COST_IN_MACS = 16.0
+GROUPED_OVERHEAD_IN_MACS = 16e6
 
 
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -305,15 +308,17 @@ class ExpertMLPWeights:
 
 
 def choose_strategy(rows: int, length: int, width: int, assignments: int, mlp: ExpertMLPWeights) -> str:
-    """'dense', 'per_row' or 'grouped': the cheapest in multiply-adds plus MOVE_COST_IN_MACS per value moved.
+    """'dense', 'per_row' or 'grouped': the cheapest in multiply-adds plus the cost of moving values.
 
-    rows R of length T, `width` slots per row of which `assignments` are filled."""
+    rows R of length T, `width` slots per row of which `assignments` are filled. `per_row` moves each
+    slot's weights twice (the gather, the gradient's index_add), `grouped` each assigned row twice (gather
+    and combine, forward and backward alike)."""
     n, d, h = mlp.w1.shape
     o = mlp.w2.shape[2]
     macs_per_token = h * (d + o)
     dense = rows * length * n * macs_per_token + MOVE_COST_IN_MACS * n * d * h  # (one copy of W1)
-    per_row = rows * width * (length * macs_per_token + MOVE_COST_IN_MACS * h * (d + o))
-    grouped = assignments * length * (macs_per_token + MOVE_COST_IN_MACS * (d + o))
+    per_row = rows * width * (length * macs_per_token + 2 * MOVE_COST_IN_MACS * h * (d + o))
+    grouped = assignments * length * (macs_per_token + 2 * MOVE_COST_IN_MACS * (d + o)) + GROUPED_OVERHEAD_IN_MACS
     return min((dense, "dense"), (per_row, "per_row"), (grouped, "grouped"))[1]
 
 

@@ -137,11 +137,13 @@ def test_two_dimensional_rows():
 
 
 def test_the_cost_model_picks_the_cheap_strategy():
-    mlp = make_bank(torch.float32, n=8).mlp_weights()
+    # T5-small-sized adapters (d 512, bottleneck 64), 8 experts; shapes are all the cost model reads
+    mlp = ExpertMLPWeights(torch.empty(8, 512, 64, device="meta"), None, torch.empty(8, 64, 512, device="meta"), None)
     assert choose_strategy(rows=32, length=128, width=1, assignments=32, mlp=mlp) == "per_row"  # per example
     assert choose_strategy(rows=4096, length=1, width=1, assignments=4096, mlp=mlp) == "grouped"  # per token
     assert choose_strategy(rows=32, length=128, width=8, assignments=256, mlp=mlp) == "dense"  # softmax
     assert choose_strategy(rows=4096, length=1, width=8, assignments=4096 * 8, mlp=mlp) == "dense"
+    assert choose_strategy(rows=4, length=32, width=1, assignments=4, mlp=mlp) == "per_row"  # too small to sort
 
 
 def test_bad_decisions_are_refused_with_the_fix():
