@@ -13,16 +13,20 @@ from hf_condroute import RoutedAdapterConfig
 PAD, EOS, VOCAB = 0, 1, 24
 
 
-def tiny_t5_model(router: str = "tag", num_experts: int = 2, **kwargs):
+def tiny_t5() -> T5ForConditionalGeneration:
     torch.manual_seed(0)
     config = T5Config(
         vocab_size=VOCAB, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=2,
         pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD,
     )
+    return T5ForConditionalGeneration(config)
+
+
+def tiny_t5_model(router: str = "tag", num_experts: int = 2, **kwargs):
     cfg = RoutedAdapterConfig(
         num_experts=num_experts, adapter_dim=4, router=router, task_type="SEQ_2_SEQ_LM", **kwargs
     )
-    return get_peft_model(T5ForConditionalGeneration(config), cfg)
+    return get_peft_model(tiny_t5(), cfg)
 
 
 def tiny_bert_model(router: str = "top_k", num_experts: int = 3, **kwargs):

@@ -170,6 +170,7 @@ def test_compute_routing_stats_errors():
 
 
 def _merge_worker(rank, world, path, out):
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP thread pool
     torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     acc = RoutingStatsAccumulator()
     if rank == 0:
