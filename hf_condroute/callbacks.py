@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 from transformers import DefaultFlowCallback, TrainerCallback
 
-from .api import get_routing, last_step
+from .api import _state, get_routing, last_step
 from .stats import RoutingStats, RoutingStatsAccumulator, set_routing_stats
 from .tuners.model_state import ModelRoutingState
 
@@ -89,11 +89,9 @@ class RoutingStatsCallback(TrainerCallback):
         return True
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is None or ModelRoutingState.find(model) is None:
-            raise ValueError(
-                "RoutingStatsCallback needs a model with routed layers: build it with "
-                "`peft.get_peft_model(model, RoutedAdapterConfig(...))` after `import hf_condroute`."
-            )
+        if model is None:
+            raise ValueError("RoutingStatsCallback needs the Trainer's model: it was called without one.")
+        _state(model)  # a clear error for a model without routed layers
         reporters = [r for r in (args.report_to or []) if r != "none"]
         if reporters and not self._attached and state.is_world_process_zero:
             warnings.warn(

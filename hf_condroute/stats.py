@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from . import metrics
-from .api import _active_adapter, get_routing
+from .api import _active_adapter, _state, block_name, get_routing
 from .block import RoutedBlock
 from .metrics import Routing
-from .tuners.model_state import ModelRoutingState
 
 _STATS_ATTR = "_condroute_routing_stats"
 
@@ -394,16 +393,10 @@ def routed_blocks(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
     adapter = _active_adapter(model, adapter_name)
     out = {}
     for module in model.modules():
-        if not isinstance(module, RoutedBlock):
-            continue
-        key = module.record_key
-        if isinstance(key, tuple):
-            owner, name = key
-            if adapter is not None and owner != adapter:
-                continue
-        else:
-            name = key
-        out[name] = module
+        if isinstance(module, RoutedBlock):
+            name = block_name(module.record_key, adapter)
+            if name is not None:
+                out[name] = module
     return out
 
 
@@ -415,13 +408,7 @@ def block_info(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str
 
 
 def _home(model: nn.Module) -> dict:
-    state = ModelRoutingState.find(model)
-    if state is None:
-        raise ValueError(
-            "This model has no routed layers: build it with `peft.get_peft_model(model, RoutedAdapterConfig(...))` "
-            "after `import hf_condroute`."
-        )
-    return state.model.__dict__.setdefault(_STATS_ATTR, {})
+    return _state(model).model.__dict__.setdefault(_STATS_ATTR, {})
 
 
 def set_routing_stats(model: nn.Module, stats: RoutingStats, adapter_name: Optional[str] = None) -> None:

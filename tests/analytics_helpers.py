@@ -9,6 +9,7 @@ from transformers import BertConfig, BertForSequenceClassification, T5Config, T5
 
 import hf_condroute  # noqa: F401  (registers the PEFT types)
 from hf_condroute import RoutedAdapterConfig
+from hf_condroute.routers.base import RoutingDecision
 
 PAD, EOS, VOCAB = 0, 1, 24
 
@@ -61,3 +62,11 @@ def collate(features: list[dict]) -> dict:
         "labels": labels,
         "routing_tags": torch.tensor([f["routing_tags"] for f in features]),
     }
+
+
+def decision(experts, num_experts=None, probs=None) -> RoutingDecision:
+    """A RoutingDecision from nested lists: uniform probabilities over `num_experts` unless `probs` is given."""
+    experts = torch.tensor(experts)
+    if probs is None:
+        probs = torch.full((*experts.shape[:-1], num_experts), 1.0 / num_experts)
+    return RoutingDecision(experts=experts, weights=(experts >= 0).float(), probs=torch.as_tensor(probs))

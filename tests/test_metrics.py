@@ -5,6 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
+from analytics_helpers import decision
 from hf_condroute.metrics import (
     active_subnetworks,
     alignment_matrix,
@@ -23,13 +24,6 @@ from hf_condroute.metrics import (
     subnetwork_labels,
     tag_presence,
 )
-from hf_condroute.routers.base import RoutingDecision
-
-
-def decision(experts, n):
-    experts = torch.tensor(experts)
-    probs = torch.full((*experts.shape[:-1], n), 1.0 / n)
-    return RoutingDecision(experts=experts, weights=(experts >= 0).float(), probs=probs)
 
 
 # 4 examples, 3 subnetworks, 2 tags (tags 0, 0, 1, 1)
