@@ -11,9 +11,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from transformers import Trainer, TrainingArguments
 
-from analytics_helpers import collate, tagged_seq2seq, tiny_bert_model, tiny_t5, tiny_t5_model
 from hf_condroute import RoutedAdapterConfig, RoutingStatsCallback, compute_routing_stats
 from hf_condroute.hub import CARD_END, CARD_START, ROUTING_STATS_NAME, load_routing_stats, routing_stats_dict
+
+from .analytics_helpers import collate, tagged_seq2seq, tiny_bert_model, tiny_t5, tiny_t5_model
+from .conftest import make_bert
 
 SAVED = {
     "README.md",
@@ -120,11 +122,7 @@ def test_every_routed_adapter_gets_its_own_stats(tmp_path):
 
 
 def test_other_peft_models_are_untouched(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    base = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=16))
-    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["query"]))
+    lora = get_peft_model(make_bert(), LoraConfig(r=2, target_modules=["query"]))
     lora.save_pretrained(tmp_path)
     assert ROUTING_STATS_NAME not in os.listdir(tmp_path)
     assert CARD_START not in (tmp_path / "README.md").read_text()

@@ -5,7 +5,6 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from analytics_helpers import decision
 from hf_condroute.metrics import (
     active_subnetworks,
     alignment_matrix,
@@ -24,6 +23,8 @@ from hf_condroute.metrics import (
     subnetwork_labels,
     tag_presence,
 )
+
+from .analytics_helpers import decision
 
 
 # 4 examples, 3 subnetworks, 2 tags (tags 0, 0, 1, 1)

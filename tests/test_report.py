@@ -4,9 +4,10 @@ import sys
 import pytest
 import torch
 
-from analytics_helpers import collate, tagged_seq2seq, tiny_t5_model
 from hf_condroute import compute_routing_stats
 from hf_condroute.report import format_table, main
+
+from .analytics_helpers import collate, tagged_seq2seq, tiny_t5_model
 
 
 @pytest.fixture(scope="module")

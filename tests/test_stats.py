@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from analytics_helpers import collate, decision, tagged_seq2seq, tiny_bert_model, tiny_t5_model
 from hf_condroute.metrics import routing_focus_cover
 from hf_condroute.stats import (
     RoutingStats,
@@ -12,6 +11,8 @@ from hf_condroute.stats import (
     get_routing_stats,
     set_routing_stats,
 )
+
+from .analytics_helpers import collate, decision, tagged_seq2seq, tiny_bert_model, tiny_t5_model
 
 
 def batch_a():
