@@ -26,6 +26,7 @@ import inspect
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -326,6 +327,12 @@ def update_model_card(folder: str, template: Optional[str] = None) -> Optional[s
     records = load_routing_stats(folder)
     if not records:
         return None
+    if template is None:
+        try:
+            template = str(template_path())
+        except FileNotFoundError as e:  # never fail a save over the card: the statistics are written already
+            warnings.warn(f"{e} The model card was not updated.", stacklevel=2)
+            return None
     section = render_model_card(folder, template)
     path = os.path.join(folder, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard("---\n---\n")

@@ -201,12 +201,19 @@ class RoutingStatsAccumulator:
         return self.examples == 0
 
     # ----- adding batches ---------------------------------------------------------------------------
-    def update(self, routing: Routing, tags: Optional[torch.Tensor] = None, losses: Optional[dict] = None) -> None:
+    def update(
+        self,
+        routing: Routing,
+        tags: Optional[torch.Tensor] = None,
+        losses: Optional[dict] = None,
+        examples: Optional[int] = None,
+    ) -> None:
         """Add one forward's decisions ({block: RoutingDecision}), optionally its tags ((B,) or (B, G)) and its
-        weighted auxiliary losses ({name: scalar tensor})."""
+        weighted auxiliary losses ({name: scalar tensor}). Decisions may also be routing rows (R, k), e.g. the
+        non-padding tokens only, when `examples` gives the batch size (load and entropy need no example shape)."""
         if not routing:
             return
-        batch = next(iter(routing.values())).experts.shape[0]
+        batch = examples if examples is not None else next(iter(routing.values())).experts.shape[0]
         for name, d in routing.items():
             n = d.probs.shape[-1]
             b = self.blocks.get(name)

@@ -7,7 +7,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from hf_condroute import RoutingStatsCallback, get_routing_stats, last_step
 
-from .analytics_helpers import collate, tagged_seq2seq, tiny_t5_model
+from .analytics_helpers import collate, tagged_seq2seq, tiny_bert_model, tiny_t5_model
 
 
 class Reporter(TrainerCallback):
@@ -129,6 +129,29 @@ def test_predict_does_not_leak_into_the_next_evaluation(tmp_path):
     trainer.evaluate()
     assert get_routing_stats(model)["eval"].examples == 8
     assert "eval_routing_flip_rate" not in reporter.logs[-1]
+
+
+def test_other_logs_are_left_alone(tmp_path):
+    model = tiny_t5_model(router="tag")
+    trainer, reporter = make_trainer(model, tmp_path, RoutingStatsCallback(), steps=1)
+    trainer.train()
+    trainer.log({"my_metric": 1.0})
+    assert reporter.logs[-1] == {"my_metric": 1.0, "epoch": trainer.state.epoch}
+
+
+def test_per_token_training_counts_tokens_not_padding():
+    model = tiny_bert_model(router="top_k", num_experts=3, top_k=2, routing_granularity="token")
+    ids = torch.tensor([[2, 3, 4, 5], [6, 7, 0, 0], [8, 9, 10, 0]])
+    model(input_ids=ids, attention_mask=(ids != 0).long(), labels=torch.tensor([0, 1, 2])).loss.backward()
+    callback = RoutingStatsCallback()
+    args = types.SimpleNamespace(report_to=[])
+    callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+    callback.on_step_end(args, TrainerState(), TrainerControl(), model=model)
+    callback.on_step_end(args, TrainerState(), TrainerControl(), model=model)  # the same forward: not counted again
+    stats = callback._train.compute("train")
+    assert stats.examples == 3
+    for block in stats.blocks.values():
+        assert block.rows == 9 and sum(block.counts) == 18
 
 
 def test_warns_when_added_after_reporting_integrations():

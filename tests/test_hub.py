@@ -199,3 +199,16 @@ def test_push_to_hub_keeps_the_hub_card_text(tagged_model):
     card = ModelCard(commits[0]["files"]["README.md"].decode())
     assert card.text.startswith("# Our adapter\n\nWritten by hand.")
     assert card.data.license == "apache-2.0" and CARD_START in card.text
+
+
+def test_a_missing_template_never_fails_a_save(tagged_model, tmp_path, monkeypatch):
+    from hf_condroute import hub
+
+    def missing():
+        raise FileNotFoundError("Model card template routed_model_card.md is missing.")
+
+    monkeypatch.setattr(hub, "template_path", missing)
+    with pytest.warns(UserWarning, match="model card was not updated"):
+        tagged_model.save_pretrained(tmp_path)
+    assert (tmp_path / ROUTING_STATS_NAME).exists() and (tmp_path / "adapter_model.safetensors").exists()
+    assert CARD_START not in (tmp_path / "README.md").read_text()
