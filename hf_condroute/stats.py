@@ -189,6 +189,7 @@ class RoutingStatsAccumulator:
         self.examples = 0
         self.blocks: dict[str, dict] = {}
         self.groups: Optional[list[_GroupCounts]] = None
+        self.subnetwork_labels: Optional[list[str]] = None
         self.fixed_sizes: Optional[list[int]] = None
         self.loss_sums: dict[str, float] = {}
         self.loss_steps = 0
@@ -251,6 +252,11 @@ class RoutingStatsAccumulator:
             self.fixed_sizes = (
                 [self.tags_per_group] * groups if isinstance(self.tags_per_group, int) else list(self.tags_per_group)
             )
+            if len(self.fixed_sizes) != groups:
+                raise ValueError(
+                    f"routing_tags have {groups} tag groups but tags_per_group gives {len(self.fixed_sizes)} sizes: "
+                    "give one per group (or one int for all)."
+                )
         active = metrics.active_subnetworks(routing).to(torch.float64)
         cols = tags.reshape(batch, groups)
         if self.groups is None:
@@ -299,7 +305,7 @@ class RoutingStatsAccumulator:
             "examples": self.examples,
             "blocks": {n: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in b.items()} for n, b in self.blocks.items()},
             "groups": None if self.groups is None else [(g.both.cpu(), g.tag_count.cpu(), g.known_active.cpu()) for g in self.groups],
-            "subnetwork_labels": getattr(self, "subnetwork_labels", None),
+            "subnetwork_labels": self.subnetwork_labels,
             "loss_sums": dict(self.loss_sums),
             "loss_steps": self.loss_steps,
             "flips": self.flips,

@@ -78,10 +78,12 @@ def test_multi_group_tags_with_unknown_and_names():
     assert stats.tag_labels == ["a0", "a1", "b0", "b1"]
 
 
-def test_tags_must_match_routed_rows():
+def test_tags_must_match_routed_rows_and_groups():
     acc = RoutingStatsAccumulator()
     with pytest.raises(ValueError, match="routing_tags has 2 rows"):
         acc.update(batch_a(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one per group"):
+        RoutingStatsAccumulator(tags_per_group=[2, 2]).update(batch_a(), torch.tensor([0, 1, 1]))
 
 
 def test_aux_losses_are_averaged_per_step():
