@@ -26,6 +26,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -268,14 +269,18 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def template_path(name: str = DEFAULT_TEMPLATE) -> Path:
-    """A template shipped in `model_cards/`."""
-    path = Path(__file__).resolve().parent.parent / "model_cards" / name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Model card template {path} is missing: hf_condroute's `model_cards/` folder must sit beside the "
-            "package (install from the source tree), or pass `template=` a path of your own."
-        )
-    return path
+    """A template shipped in `model_cards/`: beside the package in a source tree, under <prefix>/share in a wheel."""
+    candidates = [
+        Path(__file__).resolve().parent.parent / "model_cards" / name,
+        Path(sys.prefix) / "share" / "hf_condroute" / "model_cards" / name,
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"Model card template {name} is missing (looked in {', '.join(str(c.parent) for c in candidates)}): "
+        "reinstall hf_condroute, or pass `template=` a path of your own."
+    )
 
 
 def render_model_card(folder: str, template: Optional[str] = None, repo_hint: Optional[str] = None) -> str:
