@@ -9,6 +9,7 @@ from __future__ import annotations
 from .api import get_routing, get_routing_losses, last_step, routing_loss, set_reward
 from .block import RoutedBlock, RoutingInputs
 from .experts import AdapterBank, EmbeddingBank, ExpertBank
+from .metrics import active_subnetworks, focus_cover, routing_focus_cover, tag_presence
 from .routers import ROUTERS, Router, RoutingDecision, build_router, register_router
 from .routing_config import RoutingConfig
 from .step import RoutingStep
@@ -26,6 +27,10 @@ __all__ = [
     "AdapterBank",
     "EmbeddingBank",
     "ExpertBank",
+    "active_subnetworks",
+    "focus_cover",
+    "routing_focus_cover",
+    "tag_presence",
     "RoutedAdapterConfig",
     "RoutedAdapterModel",
     "RoutedBlock",
