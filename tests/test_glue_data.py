@@ -95,6 +95,8 @@ def test_t5_casting():
 def test_metrics_against_hand_computed_values():
     # CoLA: TP=2 TN=1 FP=1 FN=0 -> MCC = (2*1 - 1*0) / sqrt(3*2*2*1) = 2/sqrt(12)
     assert task_metrics("cola", [1, 0, 1, 1], [1, 0, 0, 1])["matthews_correlation"] == pytest.approx(2 / 12**0.5)
+    # invalid answers are a class of their own for Matthews (as T5 scores them): all invalid -> 0, not -1
+    assert task_metrics("cola", [-1, -1, -1], [1, 0, 1])["matthews_correlation"] == 0.0
     # MRPC: the invalid -1 counts as wrong (-> 1 for reference 0): TP=1 FP=2 FN=0 -> F1 = 2/4; accuracy 2/4
     assert task_metrics("mrpc", [1, -1, 1, 0], [1, 0, 0, 0]) == {"f1": 0.5, "accuracy": 0.5}
     # QQP F1 of the positive class: TP=1 FP=0 FN=1 -> 2/3

@@ -5,8 +5,8 @@ MRPC and QQP, accuracy elsewhere; values are fractions (0.82, not 82). The GLUE 
 with several metrics scores their mean, MNLI scores the mean of its matched and mismatched accuracies, and the
 average is the unweighted mean over tasks.
 
-Predictions that are not a valid label (-1, e.g. text a text-to-text model got wrong) count as wrong, as in
-T5's evaluation.
+Predictions that are no valid label (-1: text a text-to-text model made up) are scored as T5 scores them:
+wrong for accuracy and F1, a class of their own for Matthews correlation (so garbage scores 0, not -1).
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from .tasks import GlueTask, get_task
 def _as_wrong_where_invalid(predictions: np.ndarray, references: np.ndarray, num_labels: int) -> np.ndarray:
     invalid = (predictions < 0) | (predictions >= num_labels)
     return np.where(invalid, (references + 1) % num_labels, predictions)
+
+
+def _as_own_class_where_invalid(predictions: np.ndarray, num_labels: int) -> np.ndarray:
+    return np.where((predictions < 0) | (predictions >= num_labels), -1, predictions)
 
 
 def _correlation(fn, predictions: np.ndarray, references: np.ndarray) -> float:
@@ -55,15 +59,16 @@ def task_metrics(task: GlueTask | str, predictions: Sequence, references: Sequen
             f"{task.name}: references must be label ids in 0..{task.num_labels - 1}; unlabelled splits (GLUE's "
             "test sets use -1) cannot be scored."
         )
-    preds = _as_wrong_where_invalid(preds.astype(np.int64), refs, task.num_labels)
+    preds = preds.astype(np.int64)
+    wrong_if_invalid = _as_wrong_where_invalid(preds, refs, task.num_labels)
     out = {}
     for metric in task.metrics:
         if metric == "accuracy":
-            out[metric] = float(accuracy_score(refs, preds))
+            out[metric] = float(accuracy_score(refs, wrong_if_invalid))
         elif metric == "f1":
-            out[metric] = float(f1_score(refs, preds, pos_label=1, average="binary", zero_division=0.0))
+            out[metric] = float(f1_score(refs, wrong_if_invalid, pos_label=1, average="binary", zero_division=0.0))
         elif metric == "matthews_correlation":
-            out[metric] = float(matthews_corrcoef(refs, preds))
+            out[metric] = float(matthews_corrcoef(refs, _as_own_class_where_invalid(preds, task.num_labels)))
         else:  # pragma: no cover - GLUE_TASKS only names the metrics above
             raise ValueError(f"No implementation of metric {metric!r}.")
     return out
