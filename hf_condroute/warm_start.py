@@ -14,7 +14,7 @@ from peft import PeftConfig
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
-ROUTER_KEY = ".router."
+from .block import ROUTER_KEY
 
 
 def check_expert_checkpoint(checkpoint: str) -> PeftConfig:

@@ -47,7 +47,7 @@ from hf_condroute.glue.seq2seq import GlueEvalSet, GlueSeq2SeqTrainer
 from hf_condroute.glue.text_to_text import tokenize_for_t5
 from hf_condroute.metrics import block_metrics, expert_counts, routing_focus_cover
 from hf_condroute.routers import router_class
-from hf_condroute.distributed import check_process_count
+from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
 from hf_condroute.trainer_loss import RoutedTokenLoss
 from hf_condroute.warm_start import check_expert_checkpoint, load_experts_from
 
@@ -256,6 +256,7 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         # the Trainer pops `labels` to smooth them, so this loss adds routing losses and REINFORCE rewards itself
         compute_loss_func=RoutedTokenLoss(model, label_smoothing=training_args.label_smoothing_factor),
+        callbacks=[SyncRouterStatisticsCallback()],
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
