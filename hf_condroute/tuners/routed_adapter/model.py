@@ -7,7 +7,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
-from ..model_state import ModelRoutingState
+from ..model_state import ModelRoutingState, warn_if_causal_example_routing
 from ..shapes import check_adapter_shapes
 from .config import ROUTED_ADAPTER_TARGET_MODULES, RoutedAdapterConfig
 from .layer import MERGE_REFUSED, Linear, RoutedAdapterLayer
@@ -22,6 +22,7 @@ class RoutedAdapterModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: RoutedAdapterConfig, adapter_name: str) -> None:
         self.routing_state = ModelRoutingState.of(model)
+        warn_if_causal_example_routing(model, config)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
         state = ModelRoutingState.of(self.model)
@@ -55,6 +56,12 @@ class RoutedAdapterModel(BaseTuner):
         if state is not None:
             state.remove()
         return model
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # our adapter name sits deeper than PEFT's default expects (block.<name>.router.network.proj.weight)
+        marker = f".routed_adapter_block.{adapter_name}."
+        return key.replace(marker, ".routed_adapter_block.", 1) if marker in key else key
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
