@@ -41,12 +41,24 @@ def _as_bool(x, what: str) -> torch.Tensor:
 
 
 # ----- Focus / Cover ------------------------------------------------------------------------------
+def alignment_from_counts(both: torch.Tensor, tag_count: torch.Tensor, active_count: torch.Tensor) -> torch.Tensor:
+    """F1 matrix (T, C) from counts that add up over batches and processes.
+
+    both[i, j]: examples with tag i present and subnetwork j active; tag_count[i]: examples with tag i present;
+    active_count[i, j] (or [j]): examples, among those whose tag i is known, with subnetwork j active.
+    F1 = 2 TP / (2 TP + FP + FN) = 2 both / (tag_count + active_count), 0 where both sides are empty
+    (sklearn's `f1_score(..., zero_division=0)`).
+    """
+    both = both.double()
+    denom = tag_count.double().unsqueeze(1) + active_count.double()
+    return torch.where(denom > 0, 2 * both / denom.clamp(min=1), torch.zeros_like(both))
+
+
 def alignment_matrix(active, tag_present, known=None) -> torch.Tensor:
     """A[i, j] = F1 score between "tag i present" and "subnetwork j active" over the examples, (T, C).
 
-    F1 = 2 TP / (2 TP + FP + FN) = 2 |tag & active| / (|tag| + |active|); 0 where both are empty (sklearn's
-    `f1_score(..., zero_division=0)`). `known` (examples x T, optional) leaves out, for tag i, the examples whose
-    tag i is unknown (an unknown tag group).
+    `known` (examples x T, optional) leaves out, for tag i, the examples whose tag i is unknown (an unknown tag
+    group). See `alignment_from_counts`.
     """
     a = _as_bool(active, "active").double()
     y = _as_bool(tag_present, "tag_present").double()
@@ -55,16 +67,12 @@ def alignment_matrix(active, tag_present, known=None) -> torch.Tensor:
             f"active has {a.shape[0]} examples but tag_present has {y.shape[0]}: give one row per example to both."
         )
     if known is None:
-        tp = y.T @ a  # (T, C)
-        denom = y.sum(0, keepdim=True).T + a.sum(0, keepdim=True)
-    else:
-        k = _as_bool(known, "known").double()
-        if k.shape != y.shape:
-            raise ValueError(f"known must have the shape of tag_present {tuple(y.shape)}, got {tuple(k.shape)}.")
-        y = y * k
-        tp = y.T @ a
-        denom = y.sum(0, keepdim=True).T + k.T @ a
-    return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+        return alignment_from_counts(y.T @ a, y.sum(0), a.sum(0))
+    k = _as_bool(known, "known").double()
+    if k.shape != y.shape:
+        raise ValueError(f"known must have the shape of tag_present {tuple(y.shape)}, got {tuple(k.shape)}.")
+    y = y * k
+    return alignment_from_counts(y.T @ a, y.sum(0), k.T @ a)
 
 
 def focus_cover(active, tag_present, known=None) -> tuple[float, float, torch.Tensor]:
@@ -92,9 +100,13 @@ def focus_cover(active, tag_present, known=None) -> tuple[float, float, torch.Te
             "that has every tag, or pass only the tags you have.",
             stacklevel=2,
         )
-    focus = float(alignment.max(dim=0).values.mean())
-    cover = float(alignment.max(dim=1).values.mean())
-    return focus, cover, alignment
+    return (*focus_cover_scores(alignment), alignment)
+
+
+def focus_cover_scores(alignment: torch.Tensor) -> tuple[float, float]:
+    """(Focus, Cover) of an alignment matrix (T tags, C subnetworks): mean over subnetworks of the best tag's
+    F1, mean over tags of the best subnetwork's F1."""
+    return float(alignment.max(dim=0).values.mean()), float(alignment.max(dim=1).values.mean())
 
 
 def _batches(routing: Union[Routing, Sequence[Routing]]) -> list[Routing]:
@@ -208,17 +220,19 @@ def routing_focus_cover(
 
 
 # ----- per-block load --------------------------------------------------------------------------------
-def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert (N,) from expert ids (..., k); -1 (empty slot, padding) is left out.
-
-    With top-1 routing per example the counts are examples per expert; per token, tokens per expert; with
+def expert_counts(experts: torch.Tensor, num_experts: int, check: bool = True) -> torch.Tensor:
+    """Assignments per expert (N,) float64 on the device of `experts` (..., k); -1 (empty slot, padding) is left
+    out. With top-1 routing per example the counts are examples per expert; per token, tokens per expert; with
     top-k each example (token) counts once for each of its k experts.
+
+    check=False skips the range check, which waits for the device (the training callback counts every step).
     """
     e = experts.reshape(-1)
-    e = e[e >= 0]
-    if e.numel() and int(e.max()) >= num_experts:
+    if check and e.numel() and int(e.max()) >= num_experts:
         raise ValueError(f"Expert id {int(e.max())} is out of range for a block of {num_experts} experts.")
-    return torch.bincount(e.cpu(), minlength=num_experts).to(torch.float64)
+    valid = e >= 0
+    counts = torch.zeros(num_experts, dtype=torch.float64, device=e.device)
+    return counts.scatter_add_(0, torch.where(valid, e, torch.zeros_like(e)), valid.to(torch.float64))
 
 
 def expert_load(counts: torch.Tensor) -> torch.Tensor:
@@ -237,7 +251,7 @@ def normalized_entropy(p: torch.Tensor) -> float:
     if n == 1:
         return 1.0
     h = -(p * torch.log(p.clamp(min=1e-300))).sum()
-    return float(h / math.log(n))
+    return float(h / math.log(n)) + 0.0  # + 0.0: no -0.0 for a single used expert
 
 
 def max_share(counts: torch.Tensor) -> float:
@@ -266,9 +280,9 @@ def mean_probs_entropy(probs: torch.Tensor, experts: Optional[torch.Tensor] = No
     return float(h.mean() / math.log(n))
 
 
-def flip_rate(experts_a: torch.Tensor, experts_b: torch.Tensor) -> float:
-    """Fraction of rows (examples, or tokens) whose set of chosen experts differs between two evaluations of
-    the same examples. Slot order does not matter; rows empty in both (padding) are left out."""
+def flip_counts(experts_a: torch.Tensor, experts_b: torch.Tensor) -> tuple[int, int]:
+    """(rows whose set of chosen experts differs, rows routed in either) between two decisions (..., k) of the
+    same examples. Slot order does not matter; rows empty in both (padding) are left out."""
     if experts_a.shape != experts_b.shape:
         raise ValueError(
             f"The two decisions have shapes {tuple(experts_a.shape)} and {tuple(experts_b.shape)}: compare "
@@ -278,10 +292,17 @@ def flip_rate(experts_a: torch.Tensor, experts_b: torch.Tensor) -> float:
     a = experts_a.reshape(-1, k).sort(-1).values
     b = experts_b.reshape(-1, k).sort(-1).values
     routed = (a >= 0).any(-1) | (b >= 0).any(-1)
-    if not bool(routed.any()):
+    flipped = (a != b).any(-1) & routed
+    return int(flipped.sum()), int(routed.sum())
+
+
+def flip_rate(experts_a: torch.Tensor, experts_b: torch.Tensor) -> float:
+    """Fraction of rows (examples, or tokens) whose set of chosen experts differs between two evaluations of
+    the same examples (see `flip_counts`)."""
+    flipped, routed = flip_counts(experts_a, experts_b)
+    if routed == 0:
         raise ValueError("No routed rows in either decision: every slot is -1.")
-    flipped = (a != b).any(-1)
-    return float(flipped[routed].double().mean())
+    return flipped / routed
 
 
 def routing_flip_rate(routing_a: Routing, routing_b: Routing) -> dict[str, float]:
