@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from analytics_helpers import collate, tagged_seq2seq, tiny_t5_model
+from .analytics_helpers import collate, tagged_seq2seq, tiny_t5_model
 from hf_condroute import RoutingStatsCallback, get_routing_stats
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from datasets import load_from_disk
 
-from glue_fixtures import save_tiny_glue, tiny_glue
+from .glue_fixtures import save_tiny_glue, tiny_glue
 from hf_condroute.glue import (
     GLUE_TASK_NAMES,
     GlueDataError,

@@ -17,8 +17,8 @@ from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
-from glue_ddp_probe import load_recipe
-from glue_fixtures import save_tiny_glue, save_tiny_t5
+from .glue_ddp_probe import load_recipe
+from .glue_fixtures import save_tiny_glue, save_tiny_t5
 from hf_condroute.distributed import check_process_count
 from hf_condroute.glue import GLUE_TASK_NAMES, glue_average
 from hf_condroute.warm_start import load_experts_from
@@ -219,7 +219,7 @@ def launch(script, argv, timeout=240) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(script), *argv, "--use_cpu"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 

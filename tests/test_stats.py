@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from analytics_helpers import collate, tagged_seq2seq, tiny_bert_model, tiny_t5_model
+from .analytics_helpers import collate, tagged_seq2seq, tiny_bert_model, tiny_t5_model
 from hf_condroute.metrics import routing_focus_cover
 from hf_condroute.routers.base import RoutingDecision
 from hf_condroute.stats import (

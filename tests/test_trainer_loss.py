@@ -13,6 +13,15 @@ from hf_condroute import RoutedAdapterConfig
 from hf_condroute.trainer_loss import RoutedTokenLoss
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors: threads only add overhead, and the machine running the tests is often shared
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def routed_t5(router: str, **routing) -> torch.nn.Module:
     torch.manual_seed(0)
     config = T5Config(
