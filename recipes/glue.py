@@ -266,8 +266,11 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2, sort_keys=True)
+    card = {"finetuned_from": args.model_name_or_path, "dataset": "nyu-mll/glue", "tasks": "text2text-generation"}
     if training_args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=args.model_name_or_path, dataset="nyu-mll/glue", tags=["hf_condroute"])
+        trainer.push_to_hub(**card)  # README.md with the routing section, routing_stats.json, heatmaps, results
+    else:
+        trainer.create_model_card(**card)
     return trainer, results
 
 

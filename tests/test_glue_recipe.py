@@ -12,16 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from datasets import load_from_disk
 from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
-from .glue_ddp_probe import load_recipe
-from .glue_fixtures import save_tiny_glue, save_tiny_t5
 from hf_condroute.distributed import check_process_count
 from hf_condroute.glue import GLUE_TASK_NAMES, glue_average
 from hf_condroute.warm_start import load_experts_from
+
+from .glue_ddp_probe import load_recipe
+from .glue_fixtures import save_tiny_glue, save_tiny_t5
 
 recipe = load_recipe()
 PROBE = Path(__file__).resolve().parent / "glue_ddp_probe.py"
@@ -213,6 +215,11 @@ def test_process_count_mismatches_are_errors(monkeypatch):
         check_process_count(Args())
     Args.world_size = 2
     check_process_count(Args())
+    # an FSDP config on CPU processes: accelerate falls back to DDP, which is right but not what was asked
+    Args.distributed_state = type("State", (), {"distributed_type": DistributedType.MULTI_CPU})()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.warns(UserWarning, match="FSDP was asked for"):
+        check_process_count(Args())
 
 
 def launch(script, argv, timeout=240) -> None:
