@@ -9,7 +9,8 @@ the model card beside the saved adapter.
 
     accelerate launch recipes/glue.py --routing tag --output_dir runs/tag --max_steps 20000
     accelerate launch --num_processes 2 recipes/glue.py --routing top_k --tag_supervision_fraction 0.01 \\
-        --output_dir runs/top_k_sup
+        --output_dir runs/top_k_sup                                                    # 2 GPUs
+    accelerate launch --multi_gpu --num_processes 2 recipes/glue.py --use_cpu ...      # 2 CPU processes
     python recipes/glue.py --routing reinforce --init_experts_from runs/tag --output_dir runs/reinforce_init
     python recipes/glue.py --data_dir my_glue --max_train_samples_per_task 1000 ...   # local save_to_disk data
 
