@@ -44,11 +44,11 @@ from transformers import (
 
 import hf_condroute
 from hf_condroute import RoutedAdapterConfig, RoutingStatsCallback, get_routing_stats
+from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
 from hf_condroute.glue import GLUE_TASK_NAMES, get_task, get_tasks, load_glue, take
 from hf_condroute.glue.seq2seq import GlueEvalSet, GlueSeq2SeqTrainer
 from hf_condroute.glue.text_to_text import tokenize_for_t5
 from hf_condroute.routers import router_class
-from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
 from hf_condroute.trainer_loss import RoutedTokenLoss
 from hf_condroute.warm_start import check_expert_checkpoint, load_experts_from
 

@@ -25,6 +25,8 @@ from hf_condroute.warm_start import load_experts_from
 from .glue_ddp_probe import load_recipe
 from .glue_fixtures import save_tiny_glue, save_tiny_t5
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 recipe = load_recipe()
 PROBE = Path(__file__).resolve().parent / "glue_ddp_probe.py"
 EVAL_ROWS = 5  # not a multiple of the 2 x 4 evaluation batch: the last batch is padded across processes
@@ -36,13 +38,6 @@ def eval_sets(tasks) -> list[str]:
     return [s for t in tasks for s in (["mnli_matched", "mnli_mismatched"] if t == "mnli" else [t])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: threads only add overhead, and the machine running the tests is often shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
