@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 from accelerate.state import GradientState, PartialState
 from transformers import DefaultFlowCallback, TrainerCallback
 
-from .api import get_routing, last_step
+from .api import _active_adapter, _state, block_name, get_routing, last_step
 from .routers.base import RoutingDecision
 from .stats import RoutingStats, RoutingStatsAccumulator, set_routing_stats
 from .tuners.model_state import ModelRoutingState
@@ -92,11 +92,9 @@ class RoutingStatsCallback(TrainerCallback):
         return True
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is None or ModelRoutingState.find(model) is None:
-            raise ValueError(
-                "RoutingStatsCallback needs a model with routed layers: build it with "
-                "`peft.get_peft_model(model, RoutedAdapterConfig(...))` after `import hf_condroute`."
-            )
+        if model is None:
+            raise ValueError("RoutingStatsCallback needs the Trainer's model: it was called without one.")
+        _state(model)  # a clear error for a model without routed layers
         reporters = [r for r in (args.report_to or []) if r != "none"]
         if reporters and not self._attached and state.is_world_process_zero:
             warnings.warn(
@@ -110,8 +108,17 @@ class RoutingStatsCallback(TrainerCallback):
     def _collect_train(self, model) -> None:
         if not self._new_forward(model):
             return
+        # the routing rows as recorded: scattering per-token decisions back to (batch, tokens) would make the
+        # device wait at every step
         step = last_step(model)
-        self._train.update(get_routing(model), losses=step.loss_values or None)
+        adapter = _active_adapter(model, None)
+        rows, examples = {}, None
+        for key, record in step.records.items():
+            name = block_name(key, adapter)
+            if name is not None:
+                rows[name] = record.decision
+                examples = record.batch_shape[0]
+        self._train.update(rows, losses=step.loss_values or None, examples=examples)
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):
         self._collect_train(model)
@@ -134,15 +141,19 @@ class RoutingStatsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None:
             return
+        # Only the Trainer's own training and evaluation logs, which every rank makes at the same point: the merges
+        # below are collective. Other logs (e.g. a user's trainer.log on one rank) are left alone.
         eval_prefix = _eval_prefix(logs)
-        if eval_prefix is not None and not self._eval.empty:
-            added = self._report(self._finish_eval(state, model, eval_prefix), state, f"{eval_prefix}_")
-        elif eval_prefix is None and not self._train.empty:
+        if eval_prefix is not None:
+            stats = self._finish_eval(state, model, eval_prefix)
+        elif "loss" in logs and "learning_rate" in logs:
             stats = self._finish(self._train, "train", state, model)
             self._train.reset()
-            added = self._report(stats, state, "")
         else:
             return
+        if stats is None:
+            return
+        added = self._report(stats, state, f"{eval_prefix}_" if eval_prefix else "")
         original = dict(logs)
         logs.update(added)
         history = state.log_history[-1] if state.log_history else None
@@ -154,20 +165,25 @@ class RoutingStatsCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         # evaluation that did not log (e.g. a custom loop): still keep its statistics for the checkpoint
         if not self._eval.empty and model is not None:
-            self._report(self._finish_eval(state, model, "eval"), state, "eval_")
+            stats = self._finish_eval(state, model, "eval")
+            if stats is not None:
+                self._report(stats, state, "eval_")
 
     def on_predict(self, args, state, control, **kwargs):
         self._eval = self._new_eval()
 
-    def _finish_eval(self, state, model, prefix: str) -> RoutingStats:
+    def _finish_eval(self, state, model, prefix: str) -> Optional[RoutingStats]:
         acc, self._eval = self._eval, self._new_eval()
-        if self.flip_rate:
+        if self.flip_rate and not acc.empty:
             acc.compare_decisions(self._previous_decisions.get(prefix, {}))
             self._previous_decisions[prefix] = acc.decisions
-        return self._finish(acc, "eval" if prefix == "eval" else prefix, state, model)
+        return self._finish(acc, prefix, state, model)
 
-    def _finish(self, acc: RoutingStatsAccumulator, split: str, state, model) -> RoutingStats:
+    def _finish(self, acc: RoutingStatsAccumulator, split: str, state, model) -> Optional[RoutingStats]:
+        """Merge the processes' sums; the statistics (kept on the model), or None when no process saw a batch."""
         acc.merge_processes()
+        if acc.empty:
+            return None
         stats = acc.compute(split, state.global_step, model=model)
         set_routing_stats(model, stats)
         return stats
