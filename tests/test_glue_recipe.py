@@ -254,3 +254,19 @@ def test_two_processes_reinforce_stays_in_sync(assets, tmp_path):
     check_results(read_results(tmp_path), "reinforce")
     assert_ranks_in_sync(tmp_path)
     assert any(k.endswith("router.baseline.net.2.weight") for k in torch.load(tmp_path / "rank0_state.pt"))
+
+
+def test_push_to_hub_sends_the_card_metadata_and_routing_files(assets, tmp_path, monkeypatch):
+    # the Hub cannot be reached: stop at the Trainer's boundary and check what would be uploaded
+    from hf_condroute.glue.seq2seq import GlueSeq2SeqTrainer
+
+    pushes = []
+    monkeypatch.setattr(GlueSeq2SeqTrainer, "init_hf_repo", lambda self, token=None: None)
+    monkeypatch.setattr(GlueSeq2SeqTrainer, "push_to_hub", lambda self, **kwargs: pushes.append(kwargs))
+    recipe.main(flags(assets, tmp_path, "tag", 1, 4, "--push_to_hub", "--hub_model_id", "me/glue-tag", tasks=["rte"]))
+    assert pushes[-1]["finetuned_from"] == assets[1] and pushes[-1]["dataset"] == "nyu-mll/glue"
+    assert {"all_results.json", "routing_stats.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path))
+    with open(tmp_path / "routing_stats.json") as f:
+        saved = json.load(f)
+    # saved after evaluating: the evaluation's statistics travel with the adapter
+    assert saved["splits"]["eval"]["examples"] == EVAL_ROWS and saved["splits"]["eval"]["focus"] is not None
