@@ -14,11 +14,14 @@ to `routing_stats.json`.
 from __future__ import annotations
 
 import warnings
+from dataclasses import fields
 from typing import Optional, Sequence, Union
 
+from accelerate.state import GradientState, PartialState
 from transformers import DefaultFlowCallback, TrainerCallback
 
 from .api import _active_adapter, _state, block_name, get_routing, last_step
+from .routers.base import RoutingDecision
 from .stats import RoutingStats, RoutingStatsAccumulator, set_routing_stats
 from .tuners.model_state import ModelRoutingState
 
@@ -130,7 +133,9 @@ class RoutingStatsCallback(TrainerCallback):
         tags = ModelRoutingState.find(model).tags
         if tags is not None and tags.shape[0] != next(iter(routing.values())).experts.shape[0]:
             tags = None  # decisions of a generate() step: beams repeat examples
-        self._eval.update(routing, tags)
+        real = _without_padding(routing, tags)
+        if real is not None:
+            self._eval.update(*real)
 
     # ----- reporting -----------------------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
@@ -206,6 +211,27 @@ class RoutingStatsCallback(TrainerCallback):
                 out[f"{prefix}{PREFIX}max_share/{name}"] = round(b.max_share, 6)
                 out[f"{prefix}{PREFIX}load_entropy/{name}"] = round(b.load_entropy, 6)
         return out
+
+
+def _without_padding(routing: dict, tags):
+    """Drop the examples accelerate repeats so that every process gets a full last evaluation batch (the
+    Trainer drops them from predictions with `gather_for_metrics`); without this, multi-process evaluation
+    counts them twice. The last global batch holds `remainder` real examples, rank 0's first. None when this
+    process's batch holds only repeats."""
+    state, gradient_state = PartialState(), GradientState()
+    if state.num_processes == 1 or not gradient_state.end_of_dataloader or gradient_state.remainder <= 0:
+        return routing, tags
+    batch = next(iter(routing.values())).experts.shape[0]
+    keep = max(0, min(batch, gradient_state.remainder - state.process_index * batch))
+    if keep == 0:
+        return None
+    if keep == batch:
+        return routing, tags
+    trimmed = {
+        name: RoutingDecision(**{f.name: None if getattr(d, f.name) is None else getattr(d, f.name)[:keep] for f in fields(d)})
+        for name, d in routing.items()
+    }
+    return trimmed, None if tags is None else tags[:keep]
 
 
 def _eval_prefix(logs: dict) -> Optional[str]:
