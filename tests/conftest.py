@@ -73,9 +73,9 @@ def _quiet_warnings():
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def single_thread():
-    """One torch thread for a module of tiny models: threads only add overhead there, and on a shared machine
+    """One torch thread for the tiny models of the tests: threads only add overhead there, and on a shared machine
     they make the tests many times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -25,7 +25,6 @@ from hf_condroute.warm_start import load_experts_from
 from .glue_ddp_probe import load_recipe
 from .glue_fixtures import save_tiny_glue, save_tiny_t5
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 recipe = load_recipe()
 PROBE = Path(__file__).resolve().parent / "glue_ddp_probe.py"

@@ -13,7 +13,6 @@ from hf_condroute.trainer_loss import RoutedTokenLoss
 
 from .conftest import VOCAB, make_t5
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 
