@@ -13,8 +13,10 @@ from .routers import ROUTERS, Router, RoutingDecision, build_router, register_ro
 from .routing_config import RoutingConfig
 from .step import RoutingStep
 from .tuners.peft_types import ROUTED_ADAPTER
+from .tuners.peft_types import ROUTED_FFN
 from .tuners.registration import register_peft_types
 from .tuners.routed_adapter import RoutedAdapterConfig, RoutedAdapterModel
+from .tuners.routed_ffn import RoutedFFNConfig, RoutedFFNModel
 
 register_peft_types()
 
@@ -22,12 +24,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ROUTED_ADAPTER",
+    "ROUTED_FFN",
     "ROUTERS",
     "AdapterBank",
     "EmbeddingBank",
     "ExpertBank",
     "RoutedAdapterConfig",
     "RoutedAdapterModel",
+    "RoutedFFNConfig",
+    "RoutedFFNModel",
     "RoutedBlock",
     "Router",
     "RoutingConfig",
