@@ -39,8 +39,15 @@ def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
-def match_rows(t: Optional[torch.Tensor], batch: int, what: str, block: str) -> Optional[torch.Tensor]:
-    if t is None or t.shape[0] == batch:
+def match_rows(
+    t: Optional[torch.Tensor], batch: int, what: str, block: str, device: Optional[torch.device] = None
+) -> Optional[torch.Tensor]:
+    """t on `device` with one row per example of the batch (rows repeated for beam search)."""
+    if t is None:
+        return None
+    if device is not None and t.device != device:
+        t = t.to(device)
+    if t.shape[0] == batch:
         return t
     if t.shape[0] > 0 and batch % t.shape[0] == 0:
         return t.repeat_interleave(batch // t.shape[0], dim=0)
@@ -98,12 +105,13 @@ class RoutedBlock(nn.Module):
         seq = x if x.dim() == 3 else x.reshape(x.shape[0], 1, x.shape[-1])
         batch, length = seq.shape[0], seq.shape[1]
         name = self.name
-        tags = match_rows(select_tags(inputs.tags, self.router.config.tag_group, name), batch, "routing_tags", name)
-        mask = match_rows(inputs.mask, batch, "attention_mask", name)
+        dev = x.device
+        tags = match_rows(select_tags(inputs.tags, self.router.config.tag_group, name), batch, "routing_tags", name, dev)
+        mask = match_rows(inputs.mask, batch, "attention_mask", name, dev)
         if self.granularity == "example":
-            pooled = match_rows(inputs.pooled, batch, "the encoder's pooled output", name)
+            pooled = match_rows(inputs.pooled, batch, "the encoder's pooled output", name, dev)
             features = pooled if pooled is not None else masked_mean(seq, mask)
-            keys = match_rows(inputs.keys, batch, "routing_keys", name)
+            keys = match_rows(inputs.keys, batch, "routing_keys", name, dev)
             decision = self.router(features, tags=tags, keys=keys, step=inputs.step.id if inputs.step else None)
             row_example, row_mask, rows = None, None, seq
             row_tags = tags
@@ -116,7 +124,7 @@ class RoutedBlock(nn.Module):
             row_example = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, length)[row_mask]
             rows = seq[row_mask].unsqueeze(1)  # (M, 1, D)
             row_tags = tags[row_example] if tags is not None else None
-            token_ids = match_rows(inputs.token_ids, batch, "input_ids", name)
+            token_ids = match_rows(inputs.token_ids, batch, "input_ids", name, dev)
             keys = token_ids[:, -length:][row_mask] if token_ids is not None else None
             decision = self.router(rows.squeeze(1), tags=row_tags, keys=keys, step=inputs.step.id if inputs.step else None)
         if tags is None and self.training and self.router.learned and self.router.config.tag_supervision_coef > 0:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
+from transformers import BertForSequenceClassification, T5ForConditionalGeneration
 
 import hf_condroute
 from hf_condroute import RoutedFFNConfig
@@ -29,45 +29,22 @@ from hf_condroute.moebert import (
     logit_loss,
 )
 
+from .conftest import bert_batch, make_bert, make_t5, t5_batch
+
 FFN = 16  # intermediate size of the tiny models
 
 
-def tiny_bert(seed: int = 0, num_labels: int = 3, dropout: float = 0.0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=FFN,
-        max_position_embeddings=16, num_labels=num_labels, hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout, initializer_range=0.3,  # an FFN that matters: routing errors show
+def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
+    # initializer_range 0.3: an FFN that matters, so routing errors show in the hidden states
+    return make_bert(
+        seed, hidden_size=8, num_attention_heads=2, intermediate_size=FFN, initializer_range=0.3,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
-    return BertForSequenceClassification(config).eval()
 
 
 def tiny_t5(gated: bool, seed: int = 0) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=40, d_model=8, d_ff=FFN, d_kv=4, num_layers=1, num_decoder_layers=1, num_heads=2,
-        feed_forward_proj="gated-gelu" if gated else "relu", dropout_rate=0.0, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1,
-    )
-    return T5ForConditionalGeneration(config).eval()
-
-
-def bert_batch(seed: int = 1, batch: int = 4, length: int = 6):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 40, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, length - 2 :] = 0
-    ids[0, length - 2 :] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(batch) % 3}
-
-
-def t5_batch(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 40, (3, 5), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, 3:] = 0
-    labels = torch.randint(2, 40, (3, 4), generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return make_t5(seed, d_model=8, d_ff=FFN, d_kv=4, num_layers=1, num_decoder_layers=1, num_heads=2,
+                   feed_forward_proj="gated-gelu" if gated else "relu")
 
 
 def random_scores(model, seed: int = 0) -> dict:
@@ -117,7 +94,7 @@ def test_split_errors_name_the_problem():
 
 def test_importance_is_abs_sum_of_weight_times_gradient_per_batch():
     model = tiny_bert()
-    batches = [bert_batch(1), bert_batch(2)]
+    batches = [bert_batch(seed=1), bert_batch(seed=2)]
     scores = importance_scores(model, batches)
     assert list(scores) == ["bert.encoder.layer.0.intermediate", "bert.encoder.layer.1.intermediate"]
     expected = torch.zeros(FFN)
@@ -378,6 +355,9 @@ def test_loaded_neuron_index_and_shape_mismatch(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
     loaded_index = loaded.base_model.model.bert.encoder.layer[0].intermediate.routed_ffn_block["default"].experts.neuron_index
     assert torch.equal(loaded_index, index) and not torch.equal(index, assign_neurons(torch.zeros(FFN), 2, 8, 0))
+    other = PeftModel.from_pretrained(tiny_bert(), tmp_path, adapter_name="other")  # keys carry no adapter name
+    other_block = other.base_model.model.bert.encoder.layer[0].intermediate.routed_ffn_block["other"]
+    assert torch.equal(other_block.experts.neuron_index, index)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["expert_dim"] = 4
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
@@ -421,11 +401,9 @@ def _trainer(peft_model, tmp_path, steps, dataset, **kwargs):
 def _dataset(n=16, labels=True):
     from datasets import Dataset
 
-    rows = []
-    for i in range(n):
-        b = bert_batch(seed=i, batch=1)
-        rows.append({k: v[0].tolist() if v.dim() > 1 else int(v[0]) for k, v in b.items() if labels or k != "labels"})
-    return Dataset.from_list(rows)
+    b = bert_batch(batch=n, seed=7)
+    columns = {k: v.tolist() for k, v in b.items() if labels or k != "labels"}
+    return Dataset.from_dict(columns)
 
 
 def test_distillation_trainer_brings_the_student_to_the_teacher(tmp_path):

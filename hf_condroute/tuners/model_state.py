@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import warnings
 from typing import Optional
 
 import torch
@@ -47,6 +48,19 @@ def _cache_in_use(kwargs: dict) -> bool:
         return cache.get_seq_length() > 0
     except (AttributeError, TypeError):
         return True
+
+
+def warn_if_causal_example_routing(model: nn.Module, config) -> None:
+    """Per-example routing pools over the whole sequence: in a causal LM that includes tokens a position must not see."""
+    cfg = getattr(model, "config", None)
+    causal = cfg is not None and not getattr(cfg, "is_encoder_decoder", False) and "CausalLM" in type(model).__name__
+    if causal and getattr(config, "routing_granularity", "token") == "example":
+        warnings.warn(
+            f"{type(model).__name__} is a causal language model, but routing_granularity='example' routes every "
+            "position on the mean of the whole sequence, future tokens included. Use routing_granularity='token' "
+            "for causal language models.",
+            stacklevel=3,
+        )
 
 
 class ModelRoutingState:

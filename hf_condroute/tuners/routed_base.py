@@ -1,5 +1,6 @@
 """What every routed PEFT tuner shares: the model's routing hooks, the routers' input size, the refusal to merge,
-`unload()` taking the hooks off, and a clear error when saved weights do not fit the config."""
+`unload()` taking the hooks off, checkpoint keys without the adapter name, and a clear error when saved weights
+do not fit the config."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner
 
-from .model_state import ModelRoutingState
+from .model_state import ModelRoutingState, warn_if_causal_example_routing
 from .shapes import check_adapter_shapes
 
 
@@ -19,6 +20,7 @@ class RoutedTunerModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self.routing_state = ModelRoutingState.of(model)
+        warn_if_causal_example_routing(model, config)
 
     def _router_in_features(self, config, features: int, side: str) -> int:
         """Decoder blocks that route per example see the mean of the encoder's output, whose size may differ."""
@@ -35,6 +37,15 @@ class RoutedTunerModel(BaseTuner):
         if state is not None:
             state.remove()
         return model
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # our adapter name sits deeper than PEFT's default expects (<layer>_block.<name>.router.network.proj.weight)
+        for layer_name in cls.tuner_layer_cls.adapter_layer_names:
+            marker = f".{layer_name}.{adapter_name}."
+            if marker in key:
+                return key.replace(marker, f".{layer_name}.", 1)
+        return key
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
