@@ -24,6 +24,7 @@ from hf_condroute.moebert import (
     assign_neurons,
     distillation_loss,
     find_ffns,
+    hidden_state_gap,
     hidden_state_loss,
     importance_scores,
     logit_loss,
@@ -174,6 +175,44 @@ def test_whole_ffn_experts_equal_the_dense_t5_in_training_too(gated):
     with torch.no_grad():
         routed = peft_model(**batch).logits
     torch.testing.assert_close(routed, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_state_gap_is_the_relative_error_per_layer():
+    model = tiny_bert()
+    batch = bert_batch()
+    with torch.no_grad():
+        dense = model(**batch, output_hidden_states=True)
+    peft_model = get_peft_model(model, RoutedFFNConfig(num_experts=4, top_k=1, importance=random_scores(model))).eval()
+    gap = hidden_state_gap(peft_model, [batch])
+    with torch.no_grad():
+        routed = peft_model(**batch, output_hidden_states=True)
+    m = batch["attention_mask"].bool()
+    expected = [((r - d)[m].pow(2).sum() / d[m].pow(2).sum()).item() for r, d in zip(routed.hidden_states[1:], dense.hidden_states[1:])]
+    assert gap["relative_error_per_layer"] == pytest.approx(expected, rel=1e-5)
+    assert gap["relative_error"] == pytest.approx(sum(expected) / 2, rel=1e-5) and gap["relative_error"] > 1e-3
+    assert gap["tokens"] == int(m.sum()) and gap["examples"] == 4 and gap["pooled_cosine"] < 1
+    whole = get_peft_model(tiny_bert(), whole_ffn_config(tiny_bert(), router="top_k", top_k=2))
+    exact = hidden_state_gap(whole, [batch])
+    assert exact["relative_error"] < 1e-10 and exact["pooled_cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_second_adapter_replaces_the_ffn_when_active():
+    model = tiny_bert()
+    batch = bert_batch()
+    with torch.no_grad():
+        dense = model(**batch).logits
+    scores = random_scores(model)
+    peft_model = get_peft_model(model, RoutedFFNConfig(num_experts=4, importance=scores)).eval()
+    peft_model.add_adapter("whole", RoutedFFNConfig(num_experts=2, expert_dim=FFN, shared_neurons=FFN, importance=scores))
+    peft_model.eval()
+    peft_model.set_adapter("whole")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, dense, rtol=1e-5, atol=1e-5)
+        peft_model.set_adapter("default")
+        assert not torch.allclose(peft_model(**batch).logits, dense, atol=1e-3)
+        peft_model.base_model.set_adapter(["default", "whole"])
+        with pytest.raises(ValueError, match="only one can be active at a time"):
+            peft_model(**batch)
 
 
 def test_bank_runs_only_the_chosen_slices():

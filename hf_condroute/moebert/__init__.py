@@ -8,15 +8,22 @@ from .importance import importance_scores
 from .layout import FFN_LAYOUTS, FFNLayout, FFNParts, find_ffns
 from .split import assign_neurons, check_split, default_expert_dim
 
-_DISTILL = ("DistillationTrainer", "distillation_loss", "hidden_state_loss", "logit_loss", "teacher_outputs")
+_LAZY = {
+    "DistillationTrainer": "distill",
+    "distillation_loss": "distill",
+    "hidden_state_loss": "distill",
+    "logit_loss": "distill",
+    "teacher_outputs": "distill",
+    "hidden_state_gap": "fidelity",
+}
 
 
 def __getattr__(name):
     # distillation imports transformers.Trainer (and datasets): only when asked for, not on `import hf_condroute`
-    if name in _DISTILL:
-        from . import distill
+    if name in _LAZY:
+        import importlib
 
-        return getattr(distill, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "default_expert_dim",
     "distillation_loss",
     "find_ffns",
+    "hidden_state_gap",
     "hidden_state_loss",
     "importance_scores",
     "logit_loss",

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import check_target_module_exists
-
 from ..routers import build_router
-from .layout import FFNParts, layout_from_fields, resolve_ffn
+from .layout import FFNParts, find_ffns, layout_from_fields
 from .split import assign_neurons, default_expert_dim
 
 
@@ -59,23 +56,12 @@ def match_importance(importance, names: list[str], ffn_dims: list[int]) -> dict[
     return out
 
 
-def plan_conversion(model: nn.Module, config, model_type: Optional[str] = None) -> dict[str, FFNConversion]:
+def plan_conversion(model: nn.Module, config) -> dict[str, FFNConversion]:
     """Every FFN `config` targets in `model`, with its experts' neurons. Raises before anything is replaced."""
-    if model_type is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-    modules = dict(model.named_modules())
-    found: dict[str, FFNParts] = {}
-    for name in modules:
-        if not name or ".base_layer" in name or ".routed_ffn_block" in name:
-            continue
-        if not check_target_module_exists(config, name):
-            continue
-        parent_name, _, entry = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        layout = layout_from_fields(entry, config.ffn_in_proj, config.ffn_out_proj, config.ffn_activation, config.ffn_dropout)
-        found[name] = resolve_ffn(name, parent, entry, model_type, layout)
-    if not found:
-        return {}
+    layout = layout_from_fields("", config.ffn_in_proj, config.ffn_out_proj, config.ffn_activation, config.ffn_dropout)
+    found = find_ffns(
+        model, config.target_modules, layout, config.exclude_modules, config.modules_to_save, allow_peft_layers=True
+    )
     names = list(found)
     dims = [found[n].ffn_dim for n in names]
     if config.init_weights:
@@ -90,4 +76,3 @@ def plan_conversion(model: nn.Module, config, model_type: Optional[str] = None) 
         index = assign_neurons(scores[name], num_experts, expert_dim, config.shared_neurons, layer=name)
         plan[name] = FFNConversion(parts, index)
     return plan
-

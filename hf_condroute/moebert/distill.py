@@ -42,7 +42,6 @@ def teacher_outputs(model: nn.Module, inputs: Mapping[str, Any], eval_mode: bool
             f"teacher_outputs needs the PEFT model (with `disable_adapter()`), got {type(model).__name__}. Pass the "
             "model `get_peft_model` returned."
         )
-    inputs = {k: v for k, v in inputs.items() if k != "labels"}
     with torch.no_grad(), model.disable_adapter():
         if eval_mode:
             with _eval_mode(model):

@@ -11,7 +11,6 @@ projection lies beside it; in T5 the whole FFN is `DenseReluDense`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Optional, Union
@@ -126,10 +125,13 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def _resolve_path(parent: nn.Module, path: str):
-    try:
-        return functools.reduce(getattr, path.split("."), parent)
-    except AttributeError:
-        return None
+    """parent.<path>, looking through PEFT layers on the way (a second adapter finds the first one's wrappers)."""
+    obj = parent
+    for attr in path.split("."):
+        obj = getattr(_unwrap(obj) if isinstance(obj, nn.Module) else obj, attr, None)
+        if obj is None:
+            return None
+    return obj
 
 
 def _activation(parent: nn.Module, spec: str) -> Optional[Callable]:
@@ -210,13 +212,18 @@ def find_ffns(
     target_modules: Optional[Union[list[str], set[str], str]] = None,
     layout: Optional[FFNLayout] = None,
     exclude_modules=None,
+    modules_to_save=None,
+    allow_peft_layers: bool = False,
 ) -> dict[str, FFNParts]:
-    """Every FFN of a dense model, by entry module name, in model order.
+    """Every FFN of a model, by entry module name, in model order.
 
     target_modules: entry names (suffixes) or a regex, as PEFT matches them; None: the architecture default.
     layout: the pieces' paths (its `entry` is ignored: each matched module is the entry); None: the known layouts.
+    allow_peft_layers: look through PEFT layers already in the model (adding a second adapter); by default such a
+        model is refused, since importance scores belong to the dense model.
     """
-    if isinstance(model, BaseTunerLayer) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+    has_peft = any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    if has_peft and not allow_peft_layers:
         raise ValueError(
             "This model already has PEFT layers. Find FFNs (and compute importance scores) on the dense model, before "
             "`get_peft_model`."
@@ -230,12 +237,15 @@ def find_ffns(
                 "input enters) and the `ffn_*` paths of its pieces."
             )
     matcher = SimpleNamespace(
-        target_modules=target_modules, exclude_modules=exclude_modules, modules_to_save=None, target_parameters=None
+        target_modules=target_modules, exclude_modules=exclude_modules, modules_to_save=modules_to_save,
+        target_parameters=None,
     )
     found: dict[str, FFNParts] = {}
     modules = dict(model.named_modules())
+    tuner_layers = {n for n, m in modules.items() if isinstance(m, BaseTunerLayer)}
     for name in modules:
-        if not name or not check_target_module_exists(matcher, name):  # an excluded module is falsy too
+        inside_tuner_layer = any(name.startswith(t + ".") for t in tuner_layers)
+        if not name or inside_tuner_layer or not check_target_module_exists(matcher, name):  # excluded: falsy too
             continue
         parent_name, _, entry = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model

@@ -21,8 +21,7 @@ class RoutedFFNModel(RoutedTunerModel):
 
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
         # every FFN is found and split, and every error raised, before the first module is replaced
-        model_type = self.get_model_config(model).get("model_type")
-        self._conversions: dict[str, FFNConversion] = plan_conversion(model, peft_config, model_type)
+        self._conversions: dict[str, FFNConversion] = plan_conversion(model, peft_config)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
         conversion = self._conversions.get(current_key)
