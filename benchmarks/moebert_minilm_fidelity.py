@@ -38,7 +38,6 @@ from peft import get_peft_model
 from torch.utils.data import DataLoader
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
-import hf_condroute  # noqa: F401  (registers the PEFT types)
 from hf_condroute import RoutedFFNConfig
 from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores
 

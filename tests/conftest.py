@@ -71,3 +71,12 @@ def _quiet_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny tensors only pay threads' overhead, and test machines are often shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,4 +1,5 @@
-"""`FFNSliceBank`: N experts, each a slice of a dense FFN's neurons, stacked for the core's dispatch."""
+"""`FFNSliceBank`: N experts, each a slice of a dense FFN's neurons, stacked for the core's dispatch: plain FFNs are
+two-matmul experts (`expert_mlp`, which picks the fastest exact strategy), gated ones go through `dispatch`."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..experts import ExpertBank, dispatch
+from ..experts import ExpertMLPWeights, MLPExpertBank, dispatch, expert_mlp
 from .layout import FFNParts
 
 
-class FFNSliceBank(ExpertBank):
+class FFNSliceBank(MLPExpertBank):
     """Expert e computes dropout(act(x @ wi[e] + bi[e])) @ wo[e] + bo[e], or with a gated FFN
     dropout(act(x @ wi_gate[e] + bi_gate[e]) * (x @ wi[e] + bi[e])) @ wo[e] + bo[e].
 
@@ -90,26 +91,29 @@ class FFNSliceBank(ExpertBank):
     def dtype(self) -> torch.dtype:
         return self.wi.dtype
 
+    def mlp_weights(self) -> ExpertMLPWeights:
+        return ExpertMLPWeights(self.wi, self.bi, self.wo, self.bo)
+
+    def hidden_activation(self, h: torch.Tensor) -> torch.Tensor:
+        """The FFN's activation, then its dropout (elementwise: it commutes with the combine weights)."""
+        h = self.act(h)
+        return self.dropout(h) if self.dropout is not None else h
+
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # unbind once: one backward node stacks the per-expert gradients
-        wi, wo = self.wi.unbind(0), self.wo.unbind(0)
+        if not self.gated:
+            return expert_mlp(x, experts, weights, self.mlp_weights(), self.hidden_activation)
+        # gated: act(x @ wi_gate) * (x @ wi) is no two-matmul expert; one call per chosen expert
+        wi, wo, wg = self.wi.unbind(0), self.wo.unbind(0), self.wi_gate.unbind(0)  # one backward node each
         bi = self.bi.unbind(0) if self.bi is not None else None
         bo = self.bo.unbind(0) if self.bo is not None else None
-        wg = self.wi_gate.unbind(0) if self.gated else None
         bg = self.bi_gate.unbind(0) if self.bi_gate is not None else None
 
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
-            h = rows @ wi[e]
+            up, gate = rows @ wi[e], rows @ wg[e]
             if bi is not None:
-                h = h + bi[e]
-            if wg is not None:
-                g = rows @ wg[e]
-                h = self.act(g + bg[e] if bg is not None else g) * h
-            else:
-                h = self.act(h)
-            if self.dropout is not None:
-                h = self.dropout(h)
-            y = h @ wo[e]
+                up, gate = up + bi[e], gate + bg[e]
+            h = self.act(gate) * up
+            y = (self.dropout(h) if self.dropout is not None else h) @ wo[e]
             return y + bo[e] if bo is not None else y
 
         return dispatch(x, experts, weights, self.num_experts, self.out_features, expert)
