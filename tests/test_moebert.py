@@ -166,13 +166,14 @@ def test_whole_ffn_experts_equal_the_dense_bert(router, granularity):
     assert len(decisions) == 2 and all(d.experts.shape[0] == 4 for d in decisions.values())
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_whole_ffn_experts_equal_the_dense_t5_in_training_too(gated):
+@pytest.mark.parametrize("gated, granularity", [(False, "token"), (True, "token"), (True, "example")])
+def test_whole_ffn_experts_equal_the_dense_t5_in_training_too(gated, granularity):
     model = tiny_t5(gated)
     batch = t5_batch()
     with torch.no_grad():
         dense = model(**batch).logits
-    peft_model = get_peft_model(model, whole_ffn_config(model, router="moesart", top_k=2))
+    config = whole_ffn_config(model, router="moesart", top_k=2, routing_granularity=granularity)
+    peft_model = get_peft_model(model, config)
     peft_model.train()  # MOESART samples its experts in training; weights still sum to 1
     with torch.no_grad():
         routed = peft_model(**batch).logits
@@ -427,6 +428,25 @@ def test_distillation_loss_terms_match_their_definitions():
     torch.testing.assert_close(distillation_loss(student, teacher, mask), expected_hidden + expected_kl)
     reg_s, reg_t = torch.randn(4, 1, generator=g), torch.randn(4, 1, generator=g)
     torch.testing.assert_close(logit_loss(reg_s, reg_t), ((reg_s - reg_t) ** 2).mean())
+
+
+def test_distillation_loss_of_an_encoder_decoder_reaches_the_experts():
+    from hf_condroute.moebert import teacher_outputs
+
+    model = tiny_t5(gated=True)
+    peft_model = get_peft_model(model, RoutedFFNConfig(num_experts=4, importance=random_scores(model))).train()
+    batch = t5_batch()
+    teacher = teacher_outputs(peft_model, batch)
+    student = peft_model(**batch, output_hidden_states=True)
+    loss = distillation_loss(student, teacher, batch["attention_mask"], labels=batch["labels"])
+    # encoder and decoder layers both count: 1 + 1 hidden-state terms, plus the per-token KL where labels are set
+    s_h, t_h = student.encoder_hidden_states[1], teacher.encoder_hidden_states[1]
+    assert loss > hidden_state_loss(student, teacher, batch["attention_mask"]) > 0
+    assert hidden_state_loss(student, teacher, batch["attention_mask"]) > ((s_h - t_h) ** 2).mean(-1)[batch["attention_mask"].bool()].mean()
+    loss.backward()
+    encoder_bank = peft_model.base_model.model.encoder.block[0].layer[1].DenseReluDense.routed_ffn_block["default"].experts
+    decoder_bank = peft_model.base_model.model.decoder.block[0].layer[2].DenseReluDense.routed_ffn_block["default"].experts
+    assert encoder_bank.wi_gate.grad.abs().sum() > 0 and decoder_bank.wo.grad.abs().sum() > 0
 
 
 def _trainer(peft_model, tmp_path, steps, dataset, **kwargs):
