@@ -8,14 +8,18 @@ Two launches look fine and are not:
 - `torchrun`/`accelerate launch --multi_gpu` on a machine without GPUs starts N processes, but transformers
   only joins them for DDP with `--use_cpu`: otherwise each trains alone on all the data and they overwrite
   each other's output.
+- an FSDP accelerate config on CPU processes: accelerate shards only across GPUs (and other accelerators) and
+  silently trains with DDP instead; the results are right, so this one is a warning.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import TrainerCallback
 
@@ -45,6 +49,14 @@ def check_process_count(training_args) -> None:
             "`accelerate launch --cpu --num_processes N` started a single process: accelerate runs several CPU "
             f"processes only through mpirun (--mpirun_hostfile). {CPU_LAUNCH_HINT} Leave out --num_processes to "
             "train on one process."
+        )
+    state = getattr(training_args, "distributed_state", None)
+    asked_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or bool(getattr(training_args, "fsdp", None))
+    if asked_fsdp and state is not None and state.distributed_type != DistributedType.FSDP:
+        warnings.warn(
+            f"FSDP was asked for, but accelerate set up {state.distributed_type} (it shards only across GPUs and other "
+            "accelerators, not CPU processes): training runs with plain data parallelism instead.",
+            stacklevel=2,
         )
     if started > 1 and training_args.world_size != started:
         raise RuntimeError(

@@ -4,11 +4,13 @@ The eight GLUE tasks (no WNLI) cast as text-to-text as T5 does, trained as one m
 frozen except its layer norms; 8 routed adapters of size d_model/32 after every self-attention and
 feed-forward of encoder and decoder; an example's routing tag is its task. Evaluation generates each answer and
 scores every task with its official metric, plus the GLUE average; `all_results.json` holds them all with the
-routing statistics (Focus/Cover, expert load per block).
+routing statistics (Focus/Cover over tasks, expert load per block), which also go to `routing_stats.json` and
+the model card beside the saved adapter.
 
     accelerate launch recipes/glue.py --routing tag --output_dir runs/tag --max_steps 20000
     accelerate launch --num_processes 2 recipes/glue.py --routing top_k --tag_supervision_fraction 0.01 \\
-        --output_dir runs/top_k_sup
+        --output_dir runs/top_k_sup                                                    # 2 GPUs
+    accelerate launch --multi_gpu --num_processes 2 recipes/glue.py --use_cpu ...      # 2 CPU processes
     python recipes/glue.py --routing reinforce --init_experts_from runs/tag --output_dir runs/reinforce_init
     python recipes/glue.py --data_dir my_glue --max_train_samples_per_task 1000 ...   # local save_to_disk data
 
@@ -41,13 +43,12 @@ from transformers import (
 )
 
 import hf_condroute
-from hf_condroute import RoutedAdapterConfig
+from hf_condroute import RoutedAdapterConfig, RoutingStatsCallback, get_routing_stats
+from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
 from hf_condroute.glue import GLUE_TASK_NAMES, get_task, get_tasks, load_glue, take
 from hf_condroute.glue.seq2seq import GlueEvalSet, GlueSeq2SeqTrainer
 from hf_condroute.glue.text_to_text import tokenize_for_t5
-from hf_condroute.metrics import block_metrics, expert_counts, routing_focus_cover
 from hf_condroute.routers import router_class
-from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
 from hf_condroute.trainer_loss import RoutedTokenLoss
 from hf_condroute.warm_start import check_expert_checkpoint, load_experts_from
 
@@ -183,19 +184,6 @@ def supervise_fraction(dataset, fraction: float, seed: int):
     return dataset.remove_columns("routing_tags").add_column("routing_tags", tags.tolist())
 
 
-def routing_statistics(trainer: GlueSeq2SeqTrainer) -> dict:
-    """Focus/Cover over every evaluated example (tags: tasks) and each block's expert load."""
-    if trainer.last_eval_routing is None:
-        return {}
-    tags, routing = trainer.last_eval_routing.stacked()
-    focus, cover, _ = routing_focus_cover(routing, tags, tags_per_group=len(GLUE_TASK_NAMES))
-    blocks = {}
-    for name, decision in routing.items():
-        counts = expert_counts(decision.experts, decision.probs.shape[-1])
-        blocks[name] = {**block_metrics(counts), "load": (counts / counts.sum()).tolist()}
-    return {"focus": focus, "cover": cover, "examples": int(tags.shape[0]), "blocks": blocks}
-
-
 def build_datasets(args: GlueRecipeArguments, training_args, tokenizer, raw: dict, router_learned: bool):
     tasks = get_tasks(args.tasks)
     train_parts, eval_sets = [], {}
@@ -258,12 +246,15 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
         compute_loss_func=RoutedTokenLoss(model, label_smoothing=training_args.label_smoothing_factor),
         callbacks=[SyncRouterStatisticsCallback()],
     )
+    # routing statistics in the Trainer's logs, collapse warnings, routing_stats.json and the model card
+    RoutingStatsCallback(tags_per_group=len(GLUE_TASK_NAMES), tag_names=GLUE_TASK_NAMES).attach(trainer)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    trainer.save_state()
     results = {**train_result.metrics, "train_samples": len(train_dataset)}
     results.update(trainer.evaluate())
-    results["routing"] = routing_statistics(trainer)
+    trainer.save_model()  # after evaluating: routing_stats.json and the model card hold the evaluation's statistics
+    trainer.save_state()
+    eval_stats = get_routing_stats(trainer.model).get("eval")
+    results["routing"] = eval_stats.to_dict() if eval_stats is not None else {}
     results["routing_setup"] = {
         "routing": args.routing,
         "num_experts": args.num_experts,
@@ -276,8 +267,11 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2, sort_keys=True)
+    card = {"finetuned_from": args.model_name_or_path, "dataset": "nyu-mll/glue", "tasks": "text2text-generation"}
     if training_args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=args.model_name_or_path, dataset="nyu-mll/glue", tags=["hf_condroute"])
+        trainer.push_to_hub(**card)  # README.md with the routing section, routing_stats.json, heatmaps, results
+    else:
+        trainer.create_model_card(**card)
     return trainer, results
 
 

@@ -74,8 +74,9 @@ def _quiet_warnings():
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread for a module: tiny tensors only pay threads' overhead, and test machines are often shared."""
+def single_thread():
+    """One torch thread for a module of tiny models: threads only add overhead there, and on a shared machine
+    they make the tests many times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

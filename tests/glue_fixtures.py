@@ -77,7 +77,11 @@ def fixture_texts() -> list[str]:
 def save_tiny_t5(model_dir: str, d_model: int = 64) -> str:
     """A randomly initialised 2+2-layer T5 and a word-level tokenizer trained on the fixture text."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        PreTrainedTokenizerFast,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -8,7 +8,6 @@ import shutil
 import pytest
 from datasets import load_from_disk
 
-from glue_fixtures import save_tiny_glue, tiny_glue
 from hf_condroute.glue import (
     GLUE_TASK_NAMES,
     GlueDataError,
@@ -20,6 +19,8 @@ from hf_condroute.glue import (
     task_metrics,
 )
 from hf_condroute.glue.text_to_text import parse_prediction, source_text, target_text
+
+from .glue_fixtures import save_tiny_glue, tiny_glue
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from datasets import load_from_disk
 from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
-from glue_ddp_probe import load_recipe
-from glue_fixtures import save_tiny_glue, save_tiny_t5
 from hf_condroute.distributed import check_process_count
 from hf_condroute.glue import GLUE_TASK_NAMES, glue_average
 from hf_condroute.warm_start import load_experts_from
+
+from .glue_ddp_probe import load_recipe
+from .glue_fixtures import save_tiny_glue, save_tiny_t5
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 recipe = load_recipe()
 PROBE = Path(__file__).resolve().parent / "glue_ddp_probe.py"
@@ -34,13 +38,6 @@ def eval_sets(tasks) -> list[str]:
     return [s for t in tasks for s in (["mnli_matched", "mnli_mismatched"] if t == "mnli" else [t])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: threads only add overhead, and the machine running the tests is often shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -213,13 +210,18 @@ def test_process_count_mismatches_are_errors(monkeypatch):
         check_process_count(Args())
     Args.world_size = 2
     check_process_count(Args())
+    # an FSDP config on CPU processes: accelerate falls back to DDP, which is right but not what was asked
+    Args.distributed_state = type("State", (), {"distributed_type": DistributedType.MULTI_CPU})()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.warns(UserWarning, match="FSDP was asked for"):
+        check_process_count(Args())
 
 
 def launch(script, argv, timeout=240) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(script), *argv, "--use_cpu"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
@@ -252,3 +254,19 @@ def test_two_processes_reinforce_stays_in_sync(assets, tmp_path):
     check_results(read_results(tmp_path), "reinforce")
     assert_ranks_in_sync(tmp_path)
     assert any(k.endswith("router.baseline.net.2.weight") for k in torch.load(tmp_path / "rank0_state.pt"))
+
+
+def test_push_to_hub_sends_the_card_metadata_and_routing_files(assets, tmp_path, monkeypatch):
+    # the Hub cannot be reached: stop at the Trainer's boundary and check what would be uploaded
+    from hf_condroute.glue.seq2seq import GlueSeq2SeqTrainer
+
+    pushes = []
+    monkeypatch.setattr(GlueSeq2SeqTrainer, "init_hf_repo", lambda self, token=None: None)
+    monkeypatch.setattr(GlueSeq2SeqTrainer, "push_to_hub", lambda self, **kwargs: pushes.append(kwargs))
+    recipe.main(flags(assets, tmp_path, "tag", 1, 4, "--push_to_hub", "--hub_model_id", "me/glue-tag", tasks=["rte"]))
+    assert pushes[-1]["finetuned_from"] == assets[1] and pushes[-1]["dataset"] == "nyu-mll/glue"
+    assert {"all_results.json", "routing_stats.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path))
+    with open(tmp_path / "routing_stats.json") as f:
+        saved = json.load(f)
+    # saved after evaluating: the evaluation's statistics travel with the adapter
+    assert saved["splits"]["eval"]["examples"] == EVAL_ROWS and saved["splits"]["eval"]["focus"] is not None

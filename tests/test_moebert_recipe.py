@@ -19,7 +19,7 @@ from hf_condroute.glue import get_task, task_metrics
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "moebert.py"
 EVAL_ROWS = 6
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def load_recipe():

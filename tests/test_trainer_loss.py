@@ -5,30 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import T5Config, T5ForConditionalGeneration
 from transformers.trainer_pt_utils import LabelSmoother
 
 import hf_condroute
 from hf_condroute import RoutedAdapterConfig
 from hf_condroute.trainer_loss import RoutedTokenLoss
 
+from .conftest import VOCAB, make_t5
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 
 def routed_t5(router: str, **routing) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=32, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, num_decoder_layers=1,
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )
     adapter = RoutedAdapterConfig(
         task_type="SEQ_2_SEQ_LM", num_experts=4, adapter_dim=4, router=router, init_weights=False, **routing
     )
-    return get_peft_model(T5ForConditionalGeneration(config), adapter)
+    return get_peft_model(make_t5(), adapter)
 
 
 def batch(model) -> tuple[dict, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(2, 32, (6, 7), generator=g)
-    labels = torch.randint(2, 32, (6, 3), generator=g)
+    input_ids = torch.randint(2, VOCAB, (6, 7), generator=g)
+    labels = torch.randint(2, VOCAB, (6, 3), generator=g)
     labels[0, 2] = labels[3, 1:] = -100
     inputs = {
         "input_ids": input_ids,
@@ -106,9 +105,8 @@ def test_label_smoothing_matches_transformers_label_smoother():
 
 
 def test_needs_a_routed_model_and_labels():
-    plain = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_ff=32, d_kv=4, num_heads=4, num_layers=1))
     with pytest.raises(ValueError, match="routed model"):
-        RoutedTokenLoss(plain)
+        RoutedTokenLoss(make_t5())
     model = routed_t5("tag")
     with pytest.raises(ValueError, match="labels"):
         RoutedTokenLoss(model)(None, None)

@@ -3,24 +3,20 @@
 `GlueSeq2SeqTrainer.evaluate()` generates an answer for every example of every evaluation set (on all processes,
 gathered as the Trainer gathers predictions), maps the text back to labels, scores each set with its official
 metric and adds the GLUE average, so `--eval_strategy steps`, `load_best_model_at_end` with
-`--metric_for_best_model glue_average` and the Trainer's logging all see GLUE scores. Routing decisions of the
-evaluation forwards are gathered per example for routing statistics.
+`--metric_for_best_model glue_average` and the Trainer's logging all see GLUE scores. After generating, each
+evaluation step runs a teacher-forced forward for the loss, whose routing decisions `RoutingStatsCallback`
+collects (one log after all sets: its statistics cover every set).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 from datasets import Dataset
 from transformers import Seq2SeqTrainer
 
-from ..api import get_routing
-from ..routers.base import RoutingDecision
-from ..tuners.model_state import ModelRoutingState
 from .metrics import glue_average, task_metrics
 from .tasks import GlueTask
 from .text_to_text import parse_prediction, target_vocabulary
@@ -33,27 +29,6 @@ class GlueEvalSet:
     task: GlueTask
     dataset: Dataset
     references: list
-
-
-@dataclass
-class EvalRouting:
-    """Routing of the evaluated examples over every set, in order: their tags and each block's decisions."""
-
-    tags: list = field(default_factory=list)
-    decisions: dict = field(default_factory=dict)
-
-    def add(self, tags: torch.Tensor, routing: dict[str, tuple[torch.Tensor, ...]]) -> None:
-        self.tags.append(tags.cpu())
-        for name, parts in routing.items():
-            self.decisions.setdefault(name, []).append(tuple(p.cpu() for p in parts))
-
-    def stacked(self) -> tuple[torch.Tensor, dict[str, RoutingDecision]]:
-        """tags (N,) and {block: RoutingDecision of all N examples}."""
-        routing = {}
-        for name, parts in self.decisions.items():
-            experts, weights, probs = (torch.cat(p) for p in zip(*parts))
-            routing[name] = RoutingDecision(experts=experts, weights=weights, probs=probs)
-        return torch.cat(self.tags), routing
 
 
 def max_target_tokens(tokenizer, tasks: list[GlueTask]) -> int:
@@ -75,8 +50,6 @@ class GlueSeq2SeqTrainer(Seq2SeqTrainer):
             kwargs["eval_dataset"] = {name: s.dataset for name, s in glue_eval_sets.items()}
         super().__init__(*args, **kwargs)
         self.glue_eval_sets = glue_eval_sets
-        self.eval_routing: Optional[EvalRouting] = None
-        self.last_eval_routing: Optional[EvalRouting] = None
 
     def _generation_kwargs(self, gen_kwargs: dict) -> dict:
         gen = dict(gen_kwargs)
@@ -91,16 +64,6 @@ class GlueSeq2SeqTrainer(Seq2SeqTrainer):
             gen["num_beams"] = self.args.generation_num_beams or 1
         return gen
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        out = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
-        if self.eval_routing is not None:
-            # the step ended with a teacher-forced forward of the batch: every block's decision for each example
-            tags = ModelRoutingState.find(self.model).tags
-            routing = {name: (d.experts, d.weights, d.probs) for name, d in get_routing(self.model).items()}
-            gathered = self.accelerator.gather_for_metrics((tags.to(self.args.device), routing))
-            self.eval_routing.add(*gathered)
-        return out
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
         if eval_dataset is not None:
             raise ValueError(
@@ -111,27 +74,22 @@ class GlueSeq2SeqTrainer(Seq2SeqTrainer):
         start = time.time()
         metrics: dict[str, float] = {}
         results: dict[str, dict[str, float]] = {}
-        self.eval_routing = EvalRouting()
-        try:
-            for name, eval_set in self.glue_eval_sets.items():
-                prefix = f"{metric_key_prefix}_{name}"
-                output = self.evaluation_loop(
-                    self.get_eval_dataloader(eval_set.dataset),
-                    description=f"Evaluation of {name}",
-                    prediction_loss_only=False,
-                    ignore_keys=ignore_keys,
-                    metric_key_prefix=prefix,
-                )
-                predictions = self.decode(output.predictions)
-                labels = [parse_prediction(eval_set.task, text) for text in predictions]
-                results[name] = task_metrics(eval_set.task, labels, eval_set.references)
-                metrics.update({f"{prefix}_{k}": v for k, v in results[name].items()})
-                if f"{prefix}_loss" in output.metrics:
-                    metrics[f"{prefix}_loss"] = output.metrics[f"{prefix}_loss"]
-                metrics[f"{prefix}_samples"] = output.num_samples
-            self.last_eval_routing = self.eval_routing
-        finally:
-            self.eval_routing = None
+        for name, eval_set in self.glue_eval_sets.items():
+            prefix = f"{metric_key_prefix}_{name}"
+            output = self.evaluation_loop(
+                self.get_eval_dataloader(eval_set.dataset),
+                description=f"Evaluation of {name}",
+                prediction_loss_only=False,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=prefix,
+            )
+            predictions = self.decode(output.predictions)
+            labels = [parse_prediction(eval_set.task, text) for text in predictions]
+            results[name] = task_metrics(eval_set.task, labels, eval_set.references)
+            metrics.update({f"{prefix}_{k}": v for k, v in results[name].items()})
+            if f"{prefix}_loss" in output.metrics:
+                metrics[f"{prefix}_loss"] = output.metrics[f"{prefix}_loss"]
+            metrics[f"{prefix}_samples"] = output.num_samples
         metrics[f"{metric_key_prefix}_glue_average"] = glue_average(results)
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
