@@ -233,13 +233,13 @@ def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArg
         distill_coef=args.distill_coef,
         regression=task.is_regression,
     )
-    RoutingStatsCallback().attach(trainer)
     first_set, fidelity_data = next(iter(eval_sets.items()))
     fidelity_loader = DataLoader(fidelity_data, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator)
 
     results: dict = {}
     with model.disable_adapter():
         teacher, results["teacher_glue_score"] = evaluate_all(trainer, eval_sets, "teacher")
+    RoutingStatsCallback().attach(trainer)  # after the teacher's evaluation, which routes nothing
     converted, results["converted_glue_score"] = evaluate_all(trainer, eval_sets, "converted")
     fidelity = {"converted": hidden_state_gap(model, fidelity_loader, args.fidelity_batches)}
 
