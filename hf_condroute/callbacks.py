@@ -130,6 +130,8 @@ class RoutingStatsCallback(TrainerCallback):
         if not self._new_forward(model):
             return
         routing = get_routing(model)
+        if not routing:
+            return  # a forward that routed nothing, e.g. under `disable_adapter()`
         tags = ModelRoutingState.find(model).tags
         if tags is not None and tags.shape[0] != next(iter(routing.values())).experts.shape[0]:
             tags = None  # decisions of a generate() step: beams repeat examples

@@ -10,6 +10,8 @@ where the save hook finds them; `compute_routing_stats(model, dataloader)` does 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -458,10 +460,10 @@ def compute_routing_stats(
         for i, batch in enumerate(dataloader):
             if max_batches is not None and i >= max_batches:
                 break
-            if not isinstance(batch, dict):
+            if not isinstance(batch, Mapping):
                 raise TypeError(
-                    f"compute_routing_stats needs batches that are dicts of model inputs, got {type(batch).__name__}: "
-                    "use a collator that returns a dict (as the Trainer does)."
+                    f"compute_routing_stats needs batches that map input names to tensors, got {type(batch).__name__}: "
+                    "use a collator that returns a dict or a BatchEncoding (as the Trainer does)."
                 )
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             model(**batch)

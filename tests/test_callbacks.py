@@ -154,6 +154,19 @@ def test_per_token_training_counts_tokens_not_padding():
         assert block.rows == 9 and sum(block.counts) == 18
 
 
+def test_evaluation_forward_that_routes_nothing_is_skipped():
+    model = tiny_bert_model(router="tag", num_experts=3)
+    ids = torch.tensor([[2, 3, 4], [6, 7, 8]])
+    callback = RoutingStatsCallback()
+    args = types.SimpleNamespace(report_to=[])
+    callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():  # e.g. evaluating the dense teacher of a distillation
+        model(input_ids=ids, routing_tags=torch.tensor([0, 1]))
+    callback.on_prediction_step(args, TrainerState(), TrainerControl(), model=model)
+    assert callback._eval.compute("eval").examples == 0
+
+
 def test_warns_when_added_after_reporting_integrations():
     model = tiny_t5_model()
     callback = RoutingStatsCallback()
