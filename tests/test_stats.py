@@ -158,7 +158,7 @@ def test_compute_routing_stats_per_token_counts_exclude_padding():
 
 def test_compute_routing_stats_errors():
     model = tiny_bert_model()
-    with pytest.raises(TypeError, match="dicts of model inputs"):
+    with pytest.raises(TypeError, match="batches that map input names to tensors"):
         compute_routing_stats(model, [torch.ones(2, 3)])
     with pytest.raises(ValueError, match="no batches"):
         compute_routing_stats(model, [])
