@@ -87,6 +87,11 @@ def select_tags(tags: Optional[torch.Tensor], group: int, block: str) -> Optiona
     )
 
 
+# every parameter and buffer of a block's router (network, REINFORCE baseline, BatchNorm statistics) has this in
+# its name: the block holds its router as `self.router`
+ROUTER_KEY = ".router."
+
+
 class RoutedBlock(nn.Module):
     """router + expert bank. forward(x, inputs) returns sum_j w_j f_{e_j}(x) with the shape of x except the last
     dimension (bank.out_features)."""
