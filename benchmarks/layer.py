@@ -33,7 +33,7 @@ from common import (  # noqa: E402
 )
 
 from hf_condroute.block import RoutedBlock, RoutingInputs  # noqa: E402
-from hf_condroute.experts import AdapterBank, dispatch  # noqa: E402
+from hf_condroute.experts import AdapterBank, dispatch, expert_mlp  # noqa: E402
 from hf_condroute.routers import build_router  # noqa: E402
 from hf_condroute.routing_config import RoutingConfig  # noqa: E402
 from hf_condroute.step import RoutingStep  # noqa: E402
@@ -63,8 +63,6 @@ class ForcedStrategyBank(AdapterBank):
         self.strategy = strategy
 
     def forward(self, x, experts, weights):
-        from hf_condroute.experts import expert_mlp
-
         return expert_mlp(x, experts, weights, self.mlp_weights(), self.act, strategy=self.strategy)
 
 

@@ -29,7 +29,8 @@ the cheapest of three exact strategies with a cost model (`choose_strategy`):
   permutations (their backward is a gather too, not a zero-filled index_add).
 
 In all three the combine weight multiplies the small hidden activation (act(.) * w), never the output,
-and the output bias is weighted per row (sum_j w_j b2[e_j]), so routing adds no pass over the output.
+and the weighted output bias (sum_j w_j b2[e_j] per row) is added inside the GEMM (`baddbmm`) or in place:
+routing adds no full-size temporary.
 Weight gradients land in the stacked parameters directly (grouped_mm's backward, or one index_add per
 gathered tensor): no per-expert allocation of full-size gradients. A call does one host sync (the counts
 that decide the strategy and the group sizes); no Python work grows with the batch or the sequence.
