@@ -17,8 +17,10 @@ from .routing_config import RoutingConfig
 from .stats import RoutingStats, RoutingStatsAccumulator, compute_routing_stats, get_routing_stats, set_routing_stats
 from .step import RoutingStep
 from .tuners.peft_types import ROUTED_ADAPTER
+from .tuners.peft_types import ROUTED_FFN
 from .tuners.registration import register_peft_types
 from .tuners.routed_adapter import RoutedAdapterConfig, RoutedAdapterModel
+from .tuners.routed_ffn import RoutedFFNConfig, RoutedFFNModel
 
 register_peft_types()
 install_hub_hooks()
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ROUTED_ADAPTER",
+    "ROUTED_FFN",
     "ROUTERS",
     "AdapterBank",
     "EmbeddingBank",
@@ -37,6 +40,8 @@ __all__ = [
     "tag_presence",
     "RoutedAdapterConfig",
     "RoutedAdapterModel",
+    "RoutedFFNConfig",
+    "RoutedFFNModel",
     "RoutedBlock",
     "Router",
     "RoutingConfig",

@@ -50,14 +50,19 @@ def get_routing(model: nn.Module, adapter_name: Optional[str] = None) -> dict[st
     adapter = _active_adapter(model, adapter_name)
     out = {}
     for key, record in last_step(model).records.items():
-        if isinstance(key, tuple):
-            record_adapter, name = key
-            if adapter is not None and record_adapter != adapter:
-                continue
-        else:
-            name = key
-        out[name] = record.user_decision()
+        name = block_name(key, adapter)
+        if name is not None:
+            out[name] = record.user_decision()
     return out
+
+
+def block_name(record_key, adapter: Optional[str]) -> Optional[str]:
+    """The block name in a record key (`name`, or `(adapter, name)` in PEFT layers); None when the key belongs to
+    another adapter than `adapter` (None: any adapter)."""
+    if isinstance(record_key, tuple):
+        owner, name = record_key
+        return None if adapter is not None and owner != adapter else name
+    return record_key
 
 
 def get_routing_losses(model: nn.Module) -> dict[str, torch.Tensor]:

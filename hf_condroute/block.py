@@ -32,11 +32,15 @@ class RoutingInputs:
 
 
 def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean of x (B, L, D) over positions where mask (B, L) is set; the plain mean without a mask."""
+    """Mean of x (B, L, D) over positions where mask (B, L) is set; the plain mean without a mask.
+
+    Written so that no (B, L, D) temporary is made: `sum`'s backward is a broadcast view that autograd adds
+    in place into x's other gradient (`mean`'s would materialise it), and the masked sum is a batched
+    matmul rather than x * mask."""
     if mask is None:
-        return x.mean(dim=1)
-    m = mask[:, -x.shape[1]:].to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        return x.sum(dim=1) / x.shape[1]
+    m = mask[:, -x.shape[1]:].to(x.dtype)
+    return torch.bmm(m.unsqueeze(1), x).squeeze(1) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def match_rows(
@@ -83,6 +87,11 @@ def select_tags(tags: Optional[torch.Tensor], group: int, block: str) -> Optiona
     )
 
 
+# every parameter and buffer of a block's router (network, REINFORCE baseline, BatchNorm statistics) has this in
+# its name: the block holds its router as `self.router`
+ROUTER_KEY = ".router."
+
+
 class RoutedBlock(nn.Module):
     """router + expert bank. forward(x, inputs) returns sum_j w_j f_{e_j}(x) with the shape of x except the last
     dimension (bank.out_features)."""
@@ -115,6 +124,7 @@ class RoutedBlock(nn.Module):
             decision = self.router(features, tags=tags, keys=keys, step=inputs.step.id if inputs.step else None)
             row_example, row_mask, rows = None, None, seq
             row_tags = tags
+            every_token = False
         else:
             row_mask = (
                 torch.ones(batch, length, dtype=torch.bool, device=x.device)
@@ -122,7 +132,9 @@ class RoutedBlock(nn.Module):
                 else mask[:, -length:].bool()
             )
             row_example = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, length)[row_mask]
-            rows = seq[row_mask].unsqueeze(1)  # (M, 1, D)
+            # every token a row (no padding): a view, not a gather and a scatter of the whole sequence
+            every_token = mask is None or row_example.shape[0] == batch * length
+            rows = seq.reshape(batch * length, 1, -1) if every_token else seq[row_mask].unsqueeze(1)  # (M, 1, D)
             row_tags = tags[row_example] if tags is not None else None
             token_ids = match_rows(inputs.token_ids, batch, "input_ids", name, dev)
             keys = token_ids[:, -length:][row_mask] if token_ids is not None else None
@@ -150,7 +162,7 @@ class RoutedBlock(nn.Module):
             else:
                 inputs.step.record(self.record_key, record)
         out = self.experts(rows, decision.experts, weights)
-        if row_mask is not None:
+        if row_mask is not None and not every_token:
             full = out.new_zeros(batch, length, out.shape[-1])
             full[row_mask] = out.squeeze(1)
             out = full

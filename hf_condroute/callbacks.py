@@ -14,11 +14,14 @@ to `routing_stats.json`.
 from __future__ import annotations
 
 import warnings
+from dataclasses import fields
 from typing import Optional, Sequence, Union
 
+from accelerate.state import GradientState, PartialState
 from transformers import DefaultFlowCallback, TrainerCallback
 
-from .api import get_routing, last_step
+from .api import _active_adapter, _state, block_name, get_routing, last_step
+from .routers.base import RoutingDecision
 from .stats import RoutingStats, RoutingStatsAccumulator, set_routing_stats
 from .tuners.model_state import ModelRoutingState
 
@@ -89,11 +92,9 @@ class RoutingStatsCallback(TrainerCallback):
         return True
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is None or ModelRoutingState.find(model) is None:
-            raise ValueError(
-                "RoutingStatsCallback needs a model with routed layers: build it with "
-                "`peft.get_peft_model(model, RoutedAdapterConfig(...))` after `import hf_condroute`."
-            )
+        if model is None:
+            raise ValueError("RoutingStatsCallback needs the Trainer's model: it was called without one.")
+        _state(model)  # a clear error for a model without routed layers
         reporters = [r for r in (args.report_to or []) if r != "none"]
         if reporters and not self._attached and state.is_world_process_zero:
             warnings.warn(
@@ -107,8 +108,17 @@ class RoutingStatsCallback(TrainerCallback):
     def _collect_train(self, model) -> None:
         if not self._new_forward(model):
             return
+        # the routing rows as recorded: scattering per-token decisions back to (batch, tokens) would make the
+        # device wait at every step
         step = last_step(model)
-        self._train.update(get_routing(model), losses=step.loss_values or None)
+        adapter = _active_adapter(model, None)
+        rows, examples = {}, None
+        for key, record in step.records.items():
+            name = block_name(key, adapter)
+            if name is not None:
+                rows[name] = record.decision
+                examples = record.batch_shape[0]
+        self._train.update(rows, losses=step.loss_values or None, examples=examples)
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):
         self._collect_train(model)
@@ -120,24 +130,32 @@ class RoutingStatsCallback(TrainerCallback):
         if not self._new_forward(model):
             return
         routing = get_routing(model)
+        if not routing:
+            return  # a forward that routed nothing, e.g. under `disable_adapter()`
         tags = ModelRoutingState.find(model).tags
         if tags is not None and tags.shape[0] != next(iter(routing.values())).experts.shape[0]:
             tags = None  # decisions of a generate() step: beams repeat examples
-        self._eval.update(routing, tags)
+        real = _without_padding(routing, tags)
+        if real is not None:
+            self._eval.update(*real)
 
     # ----- reporting -----------------------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None:
             return
+        # Only the Trainer's own training and evaluation logs, which every rank makes at the same point: the merges
+        # below are collective. Other logs (e.g. a user's trainer.log on one rank) are left alone.
         eval_prefix = _eval_prefix(logs)
-        if eval_prefix is not None and not self._eval.empty:
-            added = self._report(self._finish_eval(state, model, eval_prefix), state, f"{eval_prefix}_")
-        elif eval_prefix is None and not self._train.empty:
+        if eval_prefix is not None:
+            stats = self._finish_eval(state, model, eval_prefix)
+        elif "loss" in logs and "learning_rate" in logs:
             stats = self._finish(self._train, "train", state, model)
             self._train.reset()
-            added = self._report(stats, state, "")
         else:
             return
+        if stats is None:
+            return
+        added = self._report(stats, state, f"{eval_prefix}_" if eval_prefix else "")
         original = dict(logs)
         logs.update(added)
         history = state.log_history[-1] if state.log_history else None
@@ -149,20 +167,25 @@ class RoutingStatsCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         # evaluation that did not log (e.g. a custom loop): still keep its statistics for the checkpoint
         if not self._eval.empty and model is not None:
-            self._report(self._finish_eval(state, model, "eval"), state, "eval_")
+            stats = self._finish_eval(state, model, "eval")
+            if stats is not None:
+                self._report(stats, state, "eval_")
 
     def on_predict(self, args, state, control, **kwargs):
         self._eval = self._new_eval()
 
-    def _finish_eval(self, state, model, prefix: str) -> RoutingStats:
+    def _finish_eval(self, state, model, prefix: str) -> Optional[RoutingStats]:
         acc, self._eval = self._eval, self._new_eval()
-        if self.flip_rate:
+        if self.flip_rate and not acc.empty:
             acc.compare_decisions(self._previous_decisions.get(prefix, {}))
             self._previous_decisions[prefix] = acc.decisions
-        return self._finish(acc, "eval" if prefix == "eval" else prefix, state, model)
+        return self._finish(acc, prefix, state, model)
 
-    def _finish(self, acc: RoutingStatsAccumulator, split: str, state, model) -> RoutingStats:
+    def _finish(self, acc: RoutingStatsAccumulator, split: str, state, model) -> Optional[RoutingStats]:
+        """Merge the processes' sums; the statistics (kept on the model), or None when no process saw a batch."""
         acc.merge_processes()
+        if acc.empty:
+            return None
         stats = acc.compute(split, state.global_step, model=model)
         set_routing_stats(model, stats)
         return stats
@@ -190,6 +213,27 @@ class RoutingStatsCallback(TrainerCallback):
                 out[f"{prefix}{PREFIX}max_share/{name}"] = round(b.max_share, 6)
                 out[f"{prefix}{PREFIX}load_entropy/{name}"] = round(b.load_entropy, 6)
         return out
+
+
+def _without_padding(routing: dict, tags):
+    """Drop the examples accelerate repeats so that every process gets a full last evaluation batch (the
+    Trainer drops them from predictions with `gather_for_metrics`); without this, multi-process evaluation
+    counts them twice. The last global batch holds `remainder` real examples, rank 0's first. None when this
+    process's batch holds only repeats."""
+    state, gradient_state = PartialState(), GradientState()
+    if state.num_processes == 1 or not gradient_state.end_of_dataloader or gradient_state.remainder <= 0:
+        return routing, tags
+    batch = next(iter(routing.values())).experts.shape[0]
+    keep = max(0, min(batch, gradient_state.remainder - state.process_index * batch))
+    if keep == 0:
+        return None
+    if keep == batch:
+        return routing, tags
+    trimmed = {
+        name: RoutingDecision(**{f.name: None if getattr(d, f.name) is None else getattr(d, f.name)[:keep] for f in fields(d)})
+        for name, d in routing.items()
+    }
+    return trimmed, None if tags is None else tags[:keep]
 
 
 def _eval_prefix(logs: dict) -> Optional[str]:

@@ -26,6 +26,8 @@ import inspect
 import json
 import math
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -267,14 +269,18 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def template_path(name: str = DEFAULT_TEMPLATE) -> Path:
-    """A template shipped in `model_cards/`."""
-    path = Path(__file__).resolve().parent.parent / "model_cards" / name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Model card template {path} is missing: hf_condroute's `model_cards/` folder must sit beside the "
-            "package (install from the source tree), or pass `template=` a path of your own."
-        )
-    return path
+    """A template shipped in `model_cards/`: beside the package in a source tree, under <prefix>/share in a wheel."""
+    candidates = [
+        Path(__file__).resolve().parent.parent / "model_cards" / name,
+        Path(sys.prefix) / "share" / "hf_condroute" / "model_cards" / name,
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"Model card template {name} is missing (looked in {', '.join(str(c.parent) for c in candidates)}): "
+        "reinstall hf_condroute, or pass `template=` a path of your own."
+    )
 
 
 def render_model_card(folder: str, template: Optional[str] = None, repo_hint: Optional[str] = None) -> str:
@@ -326,21 +332,28 @@ def update_model_card(folder: str, template: Optional[str] = None) -> Optional[s
     records = load_routing_stats(folder)
     if not records:
         return None
+    if template is None:
+        try:
+            template = str(template_path())
+        except FileNotFoundError as e:  # never fail a save over the card: the statistics are written already
+            warnings.warn(f"{e} The model card was not updated.", stacklevel=2)
+            return None
     section = render_model_card(folder, template)
     path = os.path.join(folder, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard("---\n---\n")
     text = card.text
+    generated = _is_boilerplate(text)
     if CARD_START in text and CARD_END in text:
         start, end = text.index(CARD_START), text.index(CARD_END) + len(CARD_END)
         text = text[:start] + section + text[end:]
-    elif _is_boilerplate(text):
+    elif generated:
         text = section + "\n"
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     card.text = text
     data = card.data
-    if not data.get("library_name"):
-        data.library_name = "peft"
+    if not data.get("library_name") or generated:
+        data.library_name = "peft"  # transformers' push_to_hub card says "transformers": this is a PEFT adapter
     base = next((r.get("base_model") for r in records.values() if r.get("base_model")), None)
     if base and not data.get("base_model"):
         data.base_model = base

@@ -33,6 +33,15 @@ class RoutingConfig:
         metadata={"help": "Std of the router Linear's normal init (small values start near uniform); None: torch default."},
     )
     router_temperature: float = field(default=1.0, metadata={"help": "Logits are divided by this (MOESART's tau)."})
+    norm_topk_prob: bool = field(
+        default=False,
+        metadata={
+            "help": "Top-k family (`top_k`, `v_moe`, `smoe`, `x_moe`): renormalise the k chosen probabilities to sum to "
+            "1, i.e. softmax over the top-k logits (paper B's Top-k, Shazeer et al. 2017; transformers' name). False "
+            "keeps them as they are (Switch, V-MoE). No effect with top_k=1, where the probability itself must scale "
+            "the expert for the router to learn."
+        },
+    )
     router_jitter_noise: Optional[float] = field(
         default=None,
         metadata={

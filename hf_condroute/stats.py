@@ -10,6 +10,8 @@ where the save hook finds them; `compute_routing_stats(model, dataloader)` does 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -17,10 +19,9 @@ import torch
 from torch import nn
 
 from . import metrics
-from .api import _active_adapter, get_routing
+from .api import _active_adapter, _state, block_name, get_routing
 from .block import RoutedBlock
 from .metrics import Routing
-from .tuners.model_state import ModelRoutingState
 
 _STATS_ATTR = "_condroute_routing_stats"
 
@@ -190,6 +191,7 @@ class RoutingStatsAccumulator:
         self.examples = 0
         self.blocks: dict[str, dict] = {}
         self.groups: Optional[list[_GroupCounts]] = None
+        self.subnetwork_labels: Optional[list[str]] = None
         self.fixed_sizes: Optional[list[int]] = None
         self.loss_sums: dict[str, float] = {}
         self.loss_steps = 0
@@ -202,12 +204,19 @@ class RoutingStatsAccumulator:
         return self.examples == 0
 
     # ----- adding batches ---------------------------------------------------------------------------
-    def update(self, routing: Routing, tags: Optional[torch.Tensor] = None, losses: Optional[dict] = None) -> None:
+    def update(
+        self,
+        routing: Routing,
+        tags: Optional[torch.Tensor] = None,
+        losses: Optional[dict] = None,
+        examples: Optional[int] = None,
+    ) -> None:
         """Add one forward's decisions ({block: RoutingDecision}), optionally its tags ((B,) or (B, G)) and its
-        weighted auxiliary losses ({name: scalar tensor})."""
+        weighted auxiliary losses ({name: scalar tensor}). Decisions may also be routing rows (R, k), e.g. the
+        non-padding tokens only, when `examples` gives the batch size (load and entropy need no example shape)."""
         if not routing:
             return
-        batch = next(iter(routing.values())).experts.shape[0]
+        batch = examples if examples is not None else next(iter(routing.values())).experts.shape[0]
         for name, d in routing.items():
             n = d.probs.shape[-1]
             b = self.blocks.get(name)
@@ -245,6 +254,11 @@ class RoutingStatsAccumulator:
             self.fixed_sizes = (
                 [self.tags_per_group] * groups if isinstance(self.tags_per_group, int) else list(self.tags_per_group)
             )
+            if len(self.fixed_sizes) != groups:
+                raise ValueError(
+                    f"routing_tags have {groups} tag groups but tags_per_group gives {len(self.fixed_sizes)} sizes: "
+                    "give one per group (or one int for all)."
+                )
         active = metrics.active_subnetworks(routing).to(torch.float64)
         cols = tags.reshape(batch, groups)
         if self.groups is None:
@@ -293,7 +307,7 @@ class RoutingStatsAccumulator:
             "examples": self.examples,
             "blocks": {n: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in b.items()} for n, b in self.blocks.items()},
             "groups": None if self.groups is None else [(g.both.cpu(), g.tag_count.cpu(), g.known_active.cpu()) for g in self.groups],
-            "subnetwork_labels": getattr(self, "subnetwork_labels", None),
+            "subnetwork_labels": self.subnetwork_labels,
             "loss_sums": dict(self.loss_sums),
             "loss_steps": self.loss_steps,
             "flips": self.flips,
@@ -394,16 +408,10 @@ def routed_blocks(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
     adapter = _active_adapter(model, adapter_name)
     out = {}
     for module in model.modules():
-        if not isinstance(module, RoutedBlock):
-            continue
-        key = module.record_key
-        if isinstance(key, tuple):
-            owner, name = key
-            if adapter is not None and owner != adapter:
-                continue
-        else:
-            name = key
-        out[name] = module
+        if isinstance(module, RoutedBlock):
+            name = block_name(module.record_key, adapter)
+            if name is not None:
+                out[name] = module
     return out
 
 
@@ -415,13 +423,7 @@ def block_info(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str
 
 
 def _home(model: nn.Module) -> dict:
-    state = ModelRoutingState.find(model)
-    if state is None:
-        raise ValueError(
-            "This model has no routed layers: build it with `peft.get_peft_model(model, RoutedAdapterConfig(...))` "
-            "after `import hf_condroute`."
-        )
-    return state.model.__dict__.setdefault(_STATS_ATTR, {})
+    return _state(model).model.__dict__.setdefault(_STATS_ATTR, {})
 
 
 def set_routing_stats(model: nn.Module, stats: RoutingStats, adapter_name: Optional[str] = None) -> None:
@@ -458,10 +460,10 @@ def compute_routing_stats(
         for i, batch in enumerate(dataloader):
             if max_batches is not None and i >= max_batches:
                 break
-            if not isinstance(batch, dict):
+            if not isinstance(batch, Mapping):
                 raise TypeError(
-                    f"compute_routing_stats needs batches that are dicts of model inputs, got {type(batch).__name__}: "
-                    "use a collator that returns a dict (as the Trainer does)."
+                    f"compute_routing_stats needs batches that map input names to tensors, got {type(batch).__name__}: "
+                    "use a collator that returns a dict or a BatchEncoding (as the Trainer does)."
                 )
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             model(**batch)

@@ -1,38 +1,36 @@
-"""Tiny routed models and data for the analytics tests (random weights, nothing downloaded)."""
+"""Routed tiny models (from conftest's configs, one layer each side), tagged data and hand-made decisions for the
+analytics tests."""
 
 from __future__ import annotations
 
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
-import hf_condroute  # noqa: F401  (registers the PEFT types)
 from hf_condroute import RoutedAdapterConfig
+from hf_condroute.routers.base import RoutingDecision
 
-PAD, EOS, VOCAB = 0, 1, 24
+from .conftest import VOCAB, make_bert, make_t5
+
+PAD, EOS = 0, 1
+
+
+def tiny_t5() -> T5ForConditionalGeneration:
+    return make_t5(num_layers=1, num_decoder_layers=1).train()
 
 
 def tiny_t5_model(router: str = "tag", num_experts: int = 2, **kwargs):
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=VOCAB, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=2,
-        pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD,
-    )
+    """4 routed blocks: encoder and decoder self-attention and feed-forward."""
     cfg = RoutedAdapterConfig(
         num_experts=num_experts, adapter_dim=4, router=router, task_type="SEQ_2_SEQ_LM", **kwargs
     )
-    return get_peft_model(T5ForConditionalGeneration(config), cfg)
+    return get_peft_model(tiny_t5(), cfg)
 
 
 def tiny_bert_model(router: str = "top_k", num_experts: int = 3, **kwargs):
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, num_labels=2,
-    )
     cfg = RoutedAdapterConfig(num_experts=num_experts, adapter_dim=4, router=router, task_type="SEQ_CLS", **kwargs)
-    return get_peft_model(BertForSequenceClassification(config), cfg)
+    return get_peft_model(make_bert(num_hidden_layers=1).train(), cfg)
 
 
 def tagged_seq2seq(n: int, num_tags: int = 2, seed: int = 0) -> Dataset:
@@ -57,3 +55,11 @@ def collate(features: list[dict]) -> dict:
         "labels": labels,
         "routing_tags": torch.tensor([f["routing_tags"] for f in features]),
     }
+
+
+def decision(experts, num_experts=None, probs=None) -> RoutingDecision:
+    """A RoutingDecision from nested lists: uniform probabilities over `num_experts` unless `probs` is given."""
+    experts = torch.tensor(experts)
+    if probs is None:
+        probs = torch.full((*experts.shape[:-1], num_experts), 1.0 / num_experts)
+    return RoutingDecision(experts=experts, weights=(experts >= 0).float(), probs=torch.as_tensor(probs))

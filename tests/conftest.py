@@ -71,3 +71,13 @@ def _quiet_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_thread():
+    """One torch thread for the tiny models of the tests: threads only add overhead there, and on a shared machine
+    they make the tests many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

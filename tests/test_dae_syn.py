@@ -37,15 +37,6 @@ TINY = DAEConfig(widths=(4, 8, 8, 8), feature_dim=16, embed_dim=8)
 ALL_ROUTERS = HEURISTIC_ROUTERS + LEARNED_ROUTERS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small convolutions run best on one thread; two threads crawl when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data() -> DAESynData:
     return make_dataset(32)

@@ -23,13 +23,8 @@ from hf_condroute.metrics import (
     subnetwork_labels,
     tag_presence,
 )
-from hf_condroute.routers.base import RoutingDecision
 
-
-def decision(experts, n):
-    experts = torch.tensor(experts)
-    probs = torch.full((*experts.shape[:-1], n), 1.0 / n)
-    return RoutingDecision(experts=experts, weights=(experts >= 0).float(), probs=probs)
+from .analytics_helpers import decision
 
 
 # 4 examples, 3 subnetworks, 2 tags (tags 0, 0, 1, 1)

@@ -143,14 +143,19 @@ def test_save_and_load_in_a_fresh_process(tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model(**batch).logits
-    torch.save({"batch": batch, "expected": expected}, tmp_path / "expected.pt")
+    state = {k: v for k, v in model.state_dict().items() if "routed_adapter_block" in k}
+    torch.save({"batch": batch, "expected": expected, "state": state}, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
         import torch, hf_condroute
         from peft import PeftModel
         from tests.conftest import make_t5
+        torch.set_num_threads({torch.get_num_threads()})  # the parent's thread count: the same reduction order
         data = torch.load({str(tmp_path / 'expected.pt')!r})
         model = PeftModel.from_pretrained(make_t5(), {str(tmp_path / 'adapter')!r}).eval()
+        state = model.state_dict()
+        for key, value in data["state"].items():
+            assert torch.equal(state[key], value), key
         with torch.no_grad():
             got = model(**data["batch"]).logits
         torch.testing.assert_close(got, data["expected"], rtol=0, atol=0)

@@ -3,9 +3,7 @@ import math
 import pytest
 import torch
 
-from analytics_helpers import collate, tagged_seq2seq, tiny_bert_model, tiny_t5_model
 from hf_condroute.metrics import routing_focus_cover
-from hf_condroute.routers.base import RoutingDecision
 from hf_condroute.stats import (
     RoutingStats,
     RoutingStatsAccumulator,
@@ -14,24 +12,21 @@ from hf_condroute.stats import (
     set_routing_stats,
 )
 
-
-def decision(experts, probs):
-    experts = torch.tensor(experts)
-    return RoutingDecision(experts=experts, weights=(experts >= 0).float(), probs=torch.tensor(probs))
+from .analytics_helpers import collate, decision, tagged_seq2seq, tiny_bert_model, tiny_t5_model
 
 
 def batch_a():
     # block x: 2 experts, top-1; block y: 3 experts, top-2 (one empty slot)
     return {
-        "x": decision([[0], [0], [1]], [[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]),
-        "y": decision([[0, 1], [2, -1], [1, 2]], [[0.4, 0.4, 0.2], [0.0, 0.0, 1.0], [0.2, 0.4, 0.4]]),
+        "x": decision([[0], [0], [1]], probs=[[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]),
+        "y": decision([[0, 1], [2, -1], [1, 2]], probs=[[0.4, 0.4, 0.2], [0.0, 0.0, 1.0], [0.2, 0.4, 0.4]]),
     }
 
 
 def batch_b():
     return {
-        "x": decision([[1], [1]], [[0.0, 1.0], [0.5, 0.5]]),
-        "y": decision([[0, 2], [0, 1]], [[0.5, 0.0, 0.5], [0.5, 0.5, 0.0]]),
+        "x": decision([[1], [1]], probs=[[0.0, 1.0], [0.5, 0.5]]),
+        "y": decision([[0, 2], [0, 1]], probs=[[0.5, 0.0, 0.5], [0.5, 0.5, 0.0]]),
     }
 
 
@@ -83,10 +78,12 @@ def test_multi_group_tags_with_unknown_and_names():
     assert stats.tag_labels == ["a0", "a1", "b0", "b1"]
 
 
-def test_tags_must_match_routed_rows():
+def test_tags_must_match_routed_rows_and_groups():
     acc = RoutingStatsAccumulator()
     with pytest.raises(ValueError, match="routing_tags has 2 rows"):
         acc.update(batch_a(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one per group"):
+        RoutingStatsAccumulator(tags_per_group=[2, 2]).update(batch_a(), torch.tensor([0, 1, 1]))
 
 
 def test_aux_losses_are_averaged_per_step():
@@ -101,8 +98,8 @@ def test_flip_rate_against_previous_decisions():
     before.update(batch_a())
     after = RoutingStatsAccumulator(keep_decisions=True)
     changed = batch_a()
-    changed["x"] = decision([[1], [0], [1]], [[0.5, 0.5]] * 3)  # row 0 flips
-    changed["y"] = decision([[1, 0], [2, -1], [2, 0]], [[1 / 3] * 3] * 3)  # same set, same, flipped
+    changed["x"] = decision([[1], [0], [1]], probs=[[0.5, 0.5]] * 3)  # row 0 flips
+    changed["y"] = decision([[1, 0], [2, -1], [2, 0]], probs=[[1 / 3] * 3] * 3)  # same set, same, flipped
     after.update(changed)
     after.compare_decisions(before.decisions)
     # 6 routed rows over both blocks, 2 flipped
@@ -161,7 +158,7 @@ def test_compute_routing_stats_per_token_counts_exclude_padding():
 
 def test_compute_routing_stats_errors():
     model = tiny_bert_model()
-    with pytest.raises(TypeError, match="dicts of model inputs"):
+    with pytest.raises(TypeError, match="batches that map input names to tensors"):
         compute_routing_stats(model, [torch.ones(2, 3)])
     with pytest.raises(ValueError, match="no batches"):
         compute_routing_stats(model, [])
@@ -170,6 +167,7 @@ def test_compute_routing_stats_errors():
 
 
 def _merge_worker(rank, world, path, out):
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP thread pool
     torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     acc = RoutingStatsAccumulator()
     if rank == 0:

@@ -1,4 +1,5 @@
-"""Routers that keep the k most probable experts and scale them by their (unnormalised) probabilities:
+"""Routers that keep the k most probable experts and scale them by their probabilities (unnormalised, or summing
+to 1 with `norm_topk_prob`):
 paper A's Top-k (Switch's k=1 form), V-MoE (additive logit noise), SMoE (multiplicative input noise) and
 X-MoE (cosine routing on a low-dimensional hypersphere), as paper B section 3 defines them."""
 
@@ -22,6 +23,8 @@ class TopKRouter(Router):
     def select(self, logits: torch.Tensor, x: torch.Tensor) -> RoutingDecision:
         probs = self.noisy_logits(logits).softmax(dim=-1)
         experts, weights = top_k_with_probs(probs, self.top_k)
+        if self.config.norm_topk_prob and self.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         return RoutingDecision(experts=experts, weights=weights, probs=probs, logits=logits)
 
 

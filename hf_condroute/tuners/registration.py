@@ -12,8 +12,9 @@ def register_peft_types() -> None:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
-    from .peft_types import ROUTED_ADAPTER
+    from .peft_types import ROUTED_ADAPTER, ROUTED_FFN
     from .routed_adapter import RoutedAdapterConfig, RoutedAdapterModel
+    from .routed_ffn import RoutedFFNConfig, RoutedFFNModel
 
     version = Version(peft.__version__)
     if not SUPPORTED_PEFT[0] <= version < SUPPORTED_PEFT[1]:
@@ -23,3 +24,5 @@ def register_peft_types() -> None:
         )
     if ROUTED_ADAPTER not in PEFT_TYPE_TO_TUNER_MAPPING:
         register_peft_method(name="routed_adapter", config_cls=RoutedAdapterConfig, model_cls=RoutedAdapterModel)
+    if ROUTED_FFN not in PEFT_TYPE_TO_TUNER_MAPPING:
+        register_peft_method(name="routed_ffn", config_cls=RoutedFFNConfig, model_cls=RoutedFFNModel)

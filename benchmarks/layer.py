@@ -1,0 +1,176 @@
+"""Layer level: forward + backward of one routed adapter block against one monolithic adapter of the same size.
+
+    python benchmarks/layer.py                       # (batch 32, seq 128, d 512), adapter_dim 64, CPU fp32
+    python benchmarks/layer.py --device cuda --dtype bfloat16
+
+Every step computes the gradients of the input and of every parameter (router included) for a fixed
+output gradient, and frees the parameter gradients after it, as `optimizer.zero_grad()` does. Routed
+variants are full `RoutedBlock`s (router + bank) recording into a `RoutingStep`, as in the PEFT tuner.
+The baseline is a plain `Linear -> ReLU -> Linear` adapter. Prints JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (  # noqa: E402
+    add_common_args,
+    environment,
+    markdown_table,
+    peak_memory_bytes,
+    report,
+    setup,
+    summarize,
+    tensor_bytes,
+    time_interleaved,
+)
+
+from hf_condroute.block import RoutedBlock, RoutingInputs  # noqa: E402
+from hf_condroute.experts import AdapterBank, dispatch, expert_mlp  # noqa: E402
+from hf_condroute.routers import build_router  # noqa: E402
+from hf_condroute.routing_config import RoutingConfig  # noqa: E402
+from hf_condroute.step import RoutingStep  # noqa: E402
+
+BASELINE = "monolithic adapter"
+
+
+class LoopAdapterBank(AdapterBank):
+    """The same bank through the generic per-expert `dispatch` (sort, one call per expert, combine): what
+    a bank without a grouped kernel gets."""
+
+    def forward(self, x, experts, weights):
+        down_w, down_b = self.down_weight.unbind(0), self.down_bias.unbind(0)
+        up_w, up_b = self.up_weight.unbind(0), self.up_bias.unbind(0)
+
+        def expert(e, rows):
+            return self.act(rows @ down_w[e] + down_b[e]) @ up_w[e] + up_b[e]
+
+        return dispatch(x, experts, weights, self.num_experts, self.out_features, expert)
+
+
+class ForcedStrategyBank(AdapterBank):
+    """The bank with one dispatch strategy forced, to show what the cost model's choice saves."""
+
+    def __init__(self, *args, strategy: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.strategy = strategy
+
+    def forward(self, x, experts, weights):
+        return expert_mlp(x, experts, weights, self.mlp_weights(), self.act, strategy=self.strategy)
+
+
+def routed(d: int, adapter_dim: int, router: str, n: int, k: int, granularity="example", bank_cls=AdapterBank, **kw):
+    config = RoutingConfig(router=router, num_experts=n, top_k=k, routing_granularity=granularity)
+    config.validate_routing()
+    r = build_router(config, d, "bench")
+    bank = bank_cls(r.num_experts, d, adapter_dim, init_weights=False, **kw)
+    return RoutedBlock(r, bank, granularity, name="bench")
+
+
+def variants(d: int, h: int) -> dict[str, tuple[nn.Module, str]]:
+    """name -> (module, what it is)."""
+    return {
+        BASELINE: (nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d)), "plain Linear-ReLU-Linear"),
+        "routed monolithic N=1": (routed(d, h, "monolithic", 1, 1), "RoutedBlock, one expert"),
+        "top_k N=8 k=1": (routed(d, h, "top_k", 8, 1), "per example"),
+        "top_k N=64 k=1": (routed(d, h, "top_k", 64, 1), "per example"),
+        "top_k N=8 k=2": (routed(d, h, "top_k", 8, 2), "per example"),
+        "moesart N=8 k=2": (routed(d, h, "moesart", 8, 2), "per example"),
+        "top_k N=64 k=2": (routed(d, h, "top_k", 64, 2), "per example"),
+        "expert_choice N=8 k=1": (routed(d, h, "expert_choice", 8, 1), "per example, rows get 0..N experts"),
+        "softmax N=8 (dense)": (routed(d, h, "softmax", 8, 1), "every expert runs"),
+        "top_k N=8 k=1 per token": (routed(d, h, "top_k", 8, 1, "token"), "each token routed"),
+        "top_k N=64 k=1 per token": (routed(d, h, "top_k", 64, 1, "token"), "each token routed"),
+        "top_k N=8 k=1, grouped forced": (
+            routed(d, h, "top_k", 8, 1, bank_cls=ForcedStrategyBank, strategy="grouped"),
+            "sorted rows + grouped GEMM instead of per-row weights",
+        ),
+        "top_k N=8 k=1, per-expert loop": (routed(d, h, "top_k", 8, 1, bank_cls=LoopAdapterBank), "generic dispatch"),
+        "top_k N=64 k=1, per-expert loop": (routed(d, h, "top_k", 64, 1, bank_cls=LoopAdapterBank), "generic dispatch"),
+    }
+
+
+def make_step(module: nn.Module, x0: torch.Tensor, grad: torch.Tensor):
+    params = [p for p in module.parameters() if p.requires_grad]
+    is_block = isinstance(module, RoutedBlock)
+
+    def step():
+        x = x0.detach().requires_grad_()
+        out = module(x, RoutingInputs(step=RoutingStep())) if is_block else module(x)
+        out.backward(grad)
+        for p in params:
+            p.grad = None
+
+    return step
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--adapter-dim", type=int, default=64)
+    add_common_args(parser, reps=30, warmup=3)
+    args = parser.parse_args(argv)
+    device, dtype = setup(args)
+    specs = variants(args.d_model, args.adapter_dim)
+    if args.only:
+        unknown = set(args.only) - set(specs)
+        if unknown:
+            raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {list(specs)}.")
+        specs = {k: v for k, v in specs.items() if k == BASELINE or k in args.only}
+    x0 = torch.randn(args.batch, args.seq, args.d_model, device=device, dtype=dtype)
+    grad = torch.randn_like(x0)
+    steps, params = {}, {}
+    for name, (module, _) in specs.items():
+        module.to(device=device, dtype=dtype).train()
+        steps[name] = make_step(module, x0, grad)
+        params[name] = sum(p.numel() for p in module.parameters())
+    wall, cpu = time_interleaved(steps, args.reps, args.warmup, device)
+    stats, cpu_stats = summarize(wall, BASELINE), summarize(cpu, BASELINE)
+    if not args.no_memory:
+        for name, (module, _) in specs.items():
+            live = tensor_bytes([x0, grad, *module.parameters(), *module.buffers()])
+            stats[name]["peak_mb"] = peak_memory_bytes(steps[name], device, live) / 2**20
+    payload = {
+        "benchmark": "layer",
+        "shape": {"batch": args.batch, "seq": args.seq, "d_model": args.d_model, "adapter_dim": args.adapter_dim},
+        "environment": environment(device, dtype),
+        "baseline": BASELINE,
+        "results": {
+            name: {**stats[name], "cpu_time": cpu_stats[name], "params": params[name], "what": specs[name][1]}
+            for name in specs
+        },
+    }
+    headers = ["variant", "median ms", "IQR ms", "ratio", "ratio IQR", "CPU-time ratio", "CPU ratio IQR", "params"]
+    if not args.no_memory:
+        headers.append("peak MiB")
+    rows = []
+    for name in specs:
+        s = stats[name]
+        row = [
+            name,
+            f"{s['median_ms']:.1f}",
+            f"{s['q1_ms']:.1f}-{s['q3_ms']:.1f}",
+            f"{s['ratio']:.2f}",
+            f"{s['ratio_q1']:.2f}-{s['ratio_q3']:.2f}",
+            f"{cpu_stats[name]['ratio']:.2f}",
+            f"{cpu_stats[name]['ratio_q1']:.2f}-{cpu_stats[name]['ratio_q3']:.2f}",
+            f"{params[name]:,}",
+        ]
+        if not args.no_memory:
+            row.append(f"{s['peak_mb']:.0f}")
+        rows.append(row)
+    report(payload, markdown_table(headers, rows), args.json)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

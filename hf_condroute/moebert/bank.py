@@ -1,0 +1,125 @@
+"""`FFNSliceBank`: N experts, each a slice of a dense FFN's neurons, stacked for the core's dispatch: plain FFNs are
+two-matmul experts (`expert_mlp`, which picks the fastest exact strategy), gated ones go through `dispatch`."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..experts import ExpertMLPWeights, MLPExpertBank, dispatch, expert_mlp
+from .layout import FFNParts
+
+
+class FFNSliceBank(MLPExpertBank):
+    """Expert e computes dropout(act(x @ wi[e] + bi[e])) @ wo[e] + bo[e], or with a gated FFN
+    dropout(act(x @ wi_gate[e] + bi_gate[e]) * (x @ wi[e] + bi[e])) @ wo[e] + bo[e].
+
+    wi, wi_gate: (N, D, E); wo: (N, E, D_out); biases (N, E) and (N, D_out), or None where the FFN has none.
+    Every expert carries the output bias, so with combine weights summing to 1 the bias is added once.
+    `neuron_index` (N, E) records which dense neurons each expert started from (saved with the adapter).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        expert_dim: int,
+        out_features: int,
+        activation: Callable[[torch.Tensor], torch.Tensor],
+        gated: bool = False,
+        in_bias: bool = True,
+        out_bias: bool = True,
+        dropout: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.expert_dim, self.gated = expert_dim, gated
+        # own copies: the bank must not share module objects with the dense FFN it replaces
+        self.act = copy.deepcopy(activation) if isinstance(activation, nn.Module) else activation
+        self.dropout = copy.deepcopy(dropout) if dropout is not None else None
+        n, d, e = num_experts, in_features, expert_dim
+        self.wi = nn.Parameter(torch.zeros(n, d, e))
+        self.bi = nn.Parameter(torch.zeros(n, e)) if in_bias else None
+        self.wi_gate = nn.Parameter(torch.zeros(n, d, e)) if gated else None
+        self.bi_gate = nn.Parameter(torch.zeros(n, e)) if gated and in_bias else None
+        self.wo = nn.Parameter(torch.zeros(n, e, out_features))
+        self.bo = nn.Parameter(torch.zeros(n, out_features)) if out_bias else None
+        self.register_buffer("neuron_index", torch.zeros(n, e, dtype=torch.long))
+
+    @classmethod
+    def from_ffn(cls, parts: FFNParts, neuron_index: torch.Tensor) -> "FFNSliceBank":
+        """A bank whose expert e holds the dense FFN's neurons `neuron_index[e]`."""
+        weight = parts.in_proj[-1].weight
+        bank = cls(
+            neuron_index.shape[0],
+            parts.in_features,
+            neuron_index.shape[1],
+            parts.out_features,
+            parts.activation,
+            gated=parts.gated,
+            in_bias=parts.in_proj[-1].bias is not None,
+            out_bias=parts.out_proj.bias is not None,
+            dropout=parts.dropout,
+        )
+        if bank.wi.device.type != "meta":  # on meta (low_cpu_mem_usage) the saved weights are loaded afterwards
+            bank.to(device=weight.device, dtype=weight.dtype)
+            bank.copy_slices(parts, neuron_index)
+        return bank
+
+    @torch.no_grad()
+    def copy_slices(self, parts: FFNParts, neuron_index: torch.Tensor) -> None:
+        idx = neuron_index.to(self.wi.device)
+        up, out = parts.in_proj[-1], parts.out_proj
+        # nn.Linear keeps weight (out, in): rows of the input projection, columns of the output projection
+        self.wi.copy_(up.weight[idx].transpose(1, 2))
+        if self.bi is not None:
+            self.bi.copy_(up.bias[idx])
+        if self.gated:
+            gate = parts.in_proj[0]
+            self.wi_gate.copy_(gate.weight[idx].transpose(1, 2))
+            if self.bi_gate is not None:
+                self.bi_gate.copy_(gate.bias[idx])
+        self.wo.copy_(out.weight.t()[idx])
+        if self.bo is not None:
+            self.bo.copy_(out.bias.expand(self.num_experts, -1))
+        self.neuron_index.copy_(idx)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wi.dtype
+
+    def mlp_weights(self) -> ExpertMLPWeights:
+        return ExpertMLPWeights(self.wi, self.bi, self.wo, self.bo)
+
+    def hidden_activation(self, h: torch.Tensor) -> torch.Tensor:
+        """The FFN's activation, then its dropout (elementwise: it commutes with the combine weights)."""
+        h = self.act(h)
+        return self.dropout(h) if self.dropout is not None else h
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return expert_mlp(x, experts, weights, self.mlp_weights(), self.hidden_activation)
+        # gated: act(x @ wi_gate) * (x @ wi) is no two-matmul expert; one call per chosen expert
+        wi, wo, wg = self.wi.unbind(0), self.wo.unbind(0), self.wi_gate.unbind(0)  # one backward node each
+        bi = self.bi.unbind(0) if self.bi is not None else None
+        bo = self.bo.unbind(0) if self.bo is not None else None
+        bg = self.bi_gate.unbind(0) if self.bi_gate is not None else None
+
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            up, gate = rows @ wi[e], rows @ wg[e]
+            if bi is not None:
+                up, gate = up + bi[e], gate + bg[e]
+            h = self.act(gate) * up
+            y = (self.dropout(h) if self.dropout is not None else h) @ wo[e]
+            return y + bo[e] if bo is not None else y
+
+        return dispatch(x, experts, weights, self.num_experts, self.out_features, expert)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, expert_dim={self.expert_dim}, "
+            f"out_features={self.out_features}, gated={self.gated}"
+        )

@@ -1,0 +1,81 @@
+"""How far a routed FFN model is from its dense self: the same inputs through the PEFT model with adapters
+disabled (the dense teacher) and enabled, compared layer by layer."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distill import _eval_mode, _hidden_states, teacher_outputs
+from .importance import _to_device
+
+
+def _layers(outputs, inputs) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(side, hidden state, non-padding mask) of every layer's output: the encoder's (or the model's), then the
+    decoder's. The embedding output is left out: routing does not change it."""
+    out = []
+    for side, states in _hidden_states(outputs):
+        mask = inputs.get("decoder_attention_mask") if side == "decoder" else inputs.get("attention_mask")
+        for h in states[1:]:
+            m = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if mask is None else mask[:, -h.shape[1]:].bool()
+            out.append((side, h.float(), m))
+    return out
+
+
+def _mean_pooled_last(layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over non-padding tokens of the first side's last layer (a sentence embedding), and the token mask."""
+    side = layers[0][0]
+    _, h, m = [layer for layer in layers if layer[0] == side][-1]
+    w = m.unsqueeze(-1).float()
+    return (h * w).sum(1) / w.sum(1).clamp(min=1), m
+
+
+@torch.no_grad()
+def hidden_state_gap(model: nn.Module, dataloader: Iterable, max_batches: Optional[int] = None) -> dict:
+    """Hidden-state distance between the routed model and the dense one (adapters disabled) over non-padding
+    tokens, in eval mode, on the batches of `dataloader` (dicts of model inputs).
+
+    Returns:
+        relative_error: per layer output, sum ||h_routed - h_dense||^2 / sum ||h_dense||^2, averaged over layers;
+        relative_error_per_layer: the same per layer (encoder, or the model's, layers first, then decoder);
+        mse: per layer the mean squared error per feature (what distillation minimises), averaged over layers;
+        pooled_cosine: cosine similarity of routed and dense mean-pooled last (encoder) hidden states, i.e. of
+            sentence embeddings, averaged over examples;
+        tokens, examples: the data it saw.
+    """
+    device = next(model.parameters()).device
+    diff_sq = ref_sq = counts = None
+    cosine, examples, tokens, batches = 0.0, 0, 0, 0
+    with _eval_mode(model):
+        for batch in dataloader:
+            if max_batches is not None and batches >= max_batches:
+                break
+            inputs = _to_device(dict(batch), device)
+            dense = _layers(teacher_outputs(model, inputs), inputs)
+            routed = _layers(model(**inputs, output_hidden_states=True), inputs)
+            if not routed:
+                raise ValueError("The model returned no hidden states: hidden_state_gap needs output_hidden_states.")
+            d = torch.stack([((r - t).pow(2).sum(-1) * m).sum() for (_, r, m), (_, t, _) in zip(routed, dense)])
+            t = torch.stack([(t.pow(2).sum(-1) * m).sum() for _, t, m in dense])
+            c = torch.stack([m.sum() * r.shape[-1] for _, r, m in routed]).float()
+            diff_sq, ref_sq, counts = (d, t, c) if diff_sq is None else (diff_sq + d, ref_sq + t, counts + c)
+            pooled_r, mask = _mean_pooled_last(routed)
+            pooled_t, _ = _mean_pooled_last(dense)
+            cosine += F.cosine_similarity(pooled_r, pooled_t, dim=-1).sum().item()
+            examples += pooled_r.shape[0]
+            tokens += int(mask.sum())
+            batches += 1
+    if batches == 0:
+        raise ValueError("The dataloader gave no batch: nothing to compare.")
+    per_layer = (diff_sq / ref_sq).tolist()
+    return {
+        "relative_error": sum(per_layer) / len(per_layer),
+        "relative_error_per_layer": per_layer,
+        "mse": float((diff_sq / counts).mean()),
+        "pooled_cosine": cosine / examples,
+        "tokens": tokens,
+        "examples": examples,
+    }

@@ -1,0 +1,124 @@
+"""MoEBERT's neuron importance (Zuo et al. 2022, eq. 5, after Molchanov et al. 2019): for FFN neuron j,
+
+    I_j = sum over batches of | sum_{w in W_in[j, :], b_in[j], W_out[:, j]} w * dL/dw |
+
+the first-order estimate of how much the loss changes when the neuron is removed, with the absolute value
+taken per batch and summed over the data, as MoEBERT's code does. Gated FFNs count both input rows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layout import FFNLayout, find_ffns
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _task_loss(model: nn.Module, batch) -> torch.Tensor:
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"importance_scores feeds each batch to the model as keyword arguments, but got a {type(batch).__name__}. "
+            "Use a collator that returns a dict, or pass loss_fn=lambda model, batch: ... ."
+        )
+    outputs = model(**batch)
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "The model returned no loss, and importance scores are gradients of one. Give batches with `labels`, or "
+            "pass loss_fn=lambda model, batch: <scalar loss> (e.g. a contrastive loss for an embedding model)."
+        )
+    return loss
+
+
+def importance_scores(
+    model: nn.Module,
+    dataloader: Iterable,
+    *,
+    loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None,
+    max_batches: Optional[int] = None,
+    target_modules=None,
+    layout: Optional[FFNLayout] = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Importance of every FFN neuron of a dense model, accumulated over `dataloader`.
+
+    Returns {FFN entry module name: float32 CPU tensor (ffn_dim,)}, in model order: pass it as
+    `RoutedFFNConfig(importance=...)`. The model runs in eval mode (no dropout) and its parameters, their
+    `requires_grad` flags and `.grad` are left as they were.
+
+    loss_fn: (model, batch) -> scalar loss; default: the model's own loss on `model(**batch)` (batches need labels).
+    max_batches: stop after this many batches.
+    target_modules / layout: which FFNs and where their pieces are, for architectures without a default
+        (see `RoutedFFNConfig.ffn_in_proj`); `layout.entry` is ignored.
+    """
+    ffns = find_ffns(model, target_modules, layout)
+    tracked: list[list[nn.Parameter]] = []
+    for parts in ffns.values():
+        inputs = [p for proj in parts.in_proj for p in (proj.weight, proj.bias) if p is not None]
+        tracked.append(inputs + [parts.out_proj.weight])
+    flat = [p for params in tracked for p in params]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    device = flat[0].device
+    scores = {name: torch.zeros(parts.ffn_dim, dtype=torch.float32) for name, parts in ffns.items()}
+    seen = 0
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in flat:
+            p.requires_grad_(True)
+        model.eval()
+        total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+        for batch in tqdm(dataloader, total=total, disable=not progress, desc="importance"):
+            if max_batches is not None and seen >= max_batches:
+                break
+            batch = _to_device(batch, device)
+            with torch.enable_grad():
+                loss = loss_fn(model, batch) if loss_fn is not None else _task_loss(model, batch)
+                grads = torch.autograd.grad(loss, flat, allow_unused=True)
+            offset = 0
+            for (name, parts), params in zip(ffns.items(), tracked):
+                g = grads[offset : offset + len(params)]
+                offset += len(params)
+                scores[name] += _neuron_sums(parts.in_proj, parts.out_proj, params, g).abs().float().cpu()
+            seen += 1
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+    if seen == 0:
+        raise ValueError("The dataloader gave no batch: importance scores need data.")
+    return scores
+
+
+def _neuron_sums(in_proj, out_proj, params, grads) -> torch.Tensor:
+    """sum of w * dL/dw over each neuron's input row(s) (weights and biases) and output column."""
+    total = None
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        prod = (p.detach() * g).float()
+        if p is out_proj.weight:
+            part = prod.sum(dim=0)  # (out, ffn_dim): a neuron's output column
+        elif prod.dim() == 2:
+            part = prod.sum(dim=1)  # (ffn_dim, in): a neuron's input row
+        else:
+            part = prod  # input bias (ffn_dim,)
+        total = part if total is None else total + part
+    if total is None:
+        return torch.zeros(out_proj.in_features)
+    return total

@@ -1,0 +1,54 @@
+"""What every routed PEFT tuner shares: the model's routing hooks, the routers' input size, the refusal to merge,
+`unload()` taking the hooks off, checkpoint keys without the adapter name, and a clear error when saved weights
+do not fit the config."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTuner
+
+from .model_state import ModelRoutingState, warn_if_causal_example_routing
+from .shapes import check_adapter_shapes
+
+
+class RoutedTunerModel(BaseTuner):
+    """Base of `RoutedAdapterModel` and `RoutedFFNModel`. Subclasses set `merge_refused` (why merging is impossible)
+    and implement `_create_and_replace`."""
+
+    merge_refused: str = "Routed layers cannot be merged into the base weights."
+
+    def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        self.routing_state = ModelRoutingState.of(model)
+        warn_if_causal_example_routing(model, config)
+
+    def _router_in_features(self, config, features: int, side: str) -> int:
+        """Decoder blocks that route per example see the mean of the encoder's output, whose size may differ."""
+        if side == "decoder" and config.routing_granularity == "example":
+            return ModelRoutingState.of(self.model).encoder_hidden_size or features
+        return features
+
+    def _check_merge_allowed(self):
+        raise ValueError(self.merge_refused)
+
+    def unload(self) -> nn.Module:
+        model = super().unload()
+        state = ModelRoutingState.find(model)
+        if state is not None:
+            state.remove()
+        return model
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # our adapter name sits deeper than PEFT's default expects (<layer>_block.<name>.router.network.proj.weight)
+        for layer_name in cls.tuner_layer_cls.adapter_layer_names:
+            marker = f".{layer_name}.{adapter_name}."
+            if marker in key:
+                return key.replace(marker, f".{layer_name}.", 1)
+        return key
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_shapes(model, remapped, config)
+        return remapped

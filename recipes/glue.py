@@ -1,0 +1,286 @@
+"""T5 with routed adapters on GLUE: paper A's T5-GLUE scenario, every routing, one or many processes.
+
+The eight GLUE tasks (no WNLI) cast as text-to-text as T5 does, trained as one multi-task run; the backbone
+frozen except its layer norms; 8 routed adapters of size d_model/32 after every self-attention and
+feed-forward of encoder and decoder; an example's routing tag is its task. Evaluation generates each answer and
+scores every task with its official metric, plus the GLUE average; `all_results.json` holds them all with the
+routing statistics (Focus/Cover over tasks, expert load per block), which also go to `routing_stats.json` and
+the model card beside the saved adapter.
+
+    accelerate launch recipes/glue.py --routing tag --output_dir runs/tag --max_steps 20000
+    accelerate launch --num_processes 2 recipes/glue.py --routing top_k --tag_supervision_fraction 0.01 \\
+        --output_dir runs/top_k_sup                                                    # 2 GPUs
+    accelerate launch --multi_gpu --num_processes 2 recipes/glue.py --use_cpu ...      # 2 CPU processes
+    python recipes/glue.py --routing reinforce --init_experts_from runs/tag --output_dir runs/reinforce_init
+    python recipes/glue.py --data_dir my_glue --max_train_samples_per_task 1000 ...   # local save_to_disk data
+
+`--routing` is any name of `hf_condroute.ROUTERS` or `tag_plus` (paper A's Tag+: RTE uses MNLI's expert in the
+encoder). Every `Seq2SeqTrainingArguments` flag works as usual; the defaults follow the paper (lr 3e-4 with
+warm-up, label smoothing 0.1, batch 128).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import transformers
+from datasets import concatenate_datasets
+from peft import get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    HfArgumentParser,
+    Seq2SeqTrainingArguments,
+    set_seed,
+)
+
+import hf_condroute
+from hf_condroute import RoutedAdapterConfig, RoutingStatsCallback, get_routing_stats
+from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
+from hf_condroute.glue import GLUE_TASK_NAMES, get_task, get_tasks, load_glue, take
+from hf_condroute.glue.seq2seq import GlueEvalSet, GlueSeq2SeqTrainer
+from hf_condroute.glue.text_to_text import tokenize_for_t5
+from hf_condroute.routers import router_class
+from hf_condroute.trainer_loss import RoutedTokenLoss
+from hf_condroute.warm_start import check_expert_checkpoint, load_experts_from
+
+logger = logging.getLogger(__name__)
+
+TAG_PLUS = "tag_plus"
+ENCODER_BLOCKS = r"(^|\.)encoder\."  # T5 encoder block names (the decoder's cross-attention is `EncDecAttention`)
+
+
+@dataclass
+class GlueRecipeArguments:
+    model_name_or_path: str = field(default="t5-small", metadata={"help": "A T5 checkpoint (Hub name or folder)."})
+    data_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Folder with one `save_to_disk` DatasetDict per task, named by the Hub's GLUE config names (cola, "
+            "sst2, mrpc, qqp, stsb, mnli, qnli, rte), with the Hub's splits and columns. Default: load nyu-mll/glue."
+        },
+    )
+    tasks: Optional[list[str]] = field(
+        default=None, metadata={"help": f"GLUE tasks to train and evaluate on (default all: {' '.join(GLUE_TASK_NAMES)})."}
+    )
+    routing: str = field(
+        default="tag",
+        metadata={"help": "A router of hf_condroute.ROUTERS, or tag_plus (Tag+: RTE shares MNLI's expert in the encoder)."},
+    )
+    num_experts: int = field(default=8, metadata={"help": "Adapters per routed block (paper A: 8, one per task)."})
+    top_k: int = field(default=1, metadata={"help": "Adapters each example runs through (learned routers)."})
+    adapter_dim: Optional[int] = field(default=None, metadata={"help": "Adapter bottleneck size (default d_model/32)."})
+    routing_granularity: str = field(default="example", metadata={"help": "example (paper A) or token."})
+    router_init_std: float = field(default=0.01, metadata={"help": "Std of router weights: small logits at start."})
+    router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Load-balancing loss weight."})
+    router_z_loss_coef: float = field(default=0.0, metadata={"help": "Router z-loss weight."})
+    tag_supervision_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of training examples whose router is trained to pick its task's expert (paper A 4.4); "
+            "learned routers only."
+        },
+    )
+    tag_supervision_coef: float = field(default=1.0, metadata={"help": "Weight of that cross-entropy."})
+    init_experts_from: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A routed-adapter checkpoint (e.g. a tag-routing run) whose experts and layer norms start this "
+            "run; routers start fresh (paper A 4.3)."
+        },
+    )
+    max_train_samples_per_task: Optional[int] = field(default=None, metadata={"help": "First N training rows of each task."})
+    max_eval_samples_per_task: Optional[int] = field(
+        default=None, metadata={"help": "First N rows of each evaluation set."}
+    )
+    max_source_length: int = field(default=128, metadata={"help": "Inputs are truncated to this many tokens."})
+
+
+@dataclass
+class GlueTrainingArguments(Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments with paper A's T5-GLUE defaults."""
+
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (paper A: 3e-4)."})
+    warmup_steps: float = field(default=500, metadata={"help": "Warm-up steps (a float < 1: share of all steps)."})
+    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing (paper A: 0.1)."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per process (paper A: 128)."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per process."})
+    predict_with_generate: bool = field(default=True, metadata={"help": "Evaluate on generated answers."})
+    ddp_find_unused_parameters: Optional[bool] = field(
+        default=False,
+        metadata={"help": "Expert banks stack their experts' weights, so every trainable parameter gets a gradient."},
+    )
+
+
+def check_routing_arguments(args: GlueRecipeArguments) -> None:
+    """Every mistake in the routing flags, found before any data or model is loaded."""
+    valid = [*hf_condroute.ROUTERS, TAG_PLUS]
+    if args.routing not in valid:
+        raise ValueError(f"--routing {args.routing!r} is not a routing. Choose one of: {', '.join(valid)}.")
+    router = router_class("tag" if args.routing == TAG_PLUS else args.routing)
+    if router.needs_tags and args.num_experts < len(GLUE_TASK_NAMES):
+        raise ValueError(
+            f"--routing {args.routing} gives each GLUE task its own expert (tags 0..{len(GLUE_TASK_NAMES) - 1}), so it "
+            f"needs --num_experts {len(GLUE_TASK_NAMES)} or more (got {args.num_experts})."
+        )
+    if not 0.0 <= args.tag_supervision_fraction <= 1.0:
+        raise ValueError(f"--tag_supervision_fraction must be in [0, 1], got {args.tag_supervision_fraction}.")
+    if args.tag_supervision_fraction > 0:
+        if not router.learned:
+            raise ValueError(
+                f"--tag_supervision_fraction trains a learned router to follow tags; --routing {args.routing} has no "
+                "router to train. Use a learned router (top_k, st_gumbel, reinforce, ...)."
+            )
+        if args.num_experts < len(GLUE_TASK_NAMES):
+            raise ValueError(
+                f"Tag supervision sends each task to its own expert: it needs --num_experts {len(GLUE_TASK_NAMES)} or "
+                f"more (got {args.num_experts})."
+            )
+    if args.init_experts_from is not None:
+        check_expert_checkpoint(args.init_experts_from)
+
+
+def routed_adapter_config(args: GlueRecipeArguments, d_model: int) -> RoutedAdapterConfig:
+    router = "tag" if args.routing == TAG_PLUS else args.routing
+    pattern = None
+    if args.routing == TAG_PLUS:
+        mapping = [get_task(name).tag for name in GLUE_TASK_NAMES]
+        mapping[get_task("rte").tag] = get_task("mnli").tag
+        pattern = {ENCODER_BLOCKS: mapping}
+    return RoutedAdapterConfig(
+        task_type="SEQ_2_SEQ_LM",
+        router=router,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        adapter_dim=args.adapter_dim or max(1, d_model // 32),
+        routing_granularity=args.routing_granularity,
+        router_init_std=args.router_init_std,
+        router_aux_loss_coef=args.router_aux_loss_coef,
+        router_z_loss_coef=args.router_z_loss_coef,
+        tag_supervision_coef=args.tag_supervision_coef if args.tag_supervision_fraction > 0 else 0.0,
+        tag_to_expert_pattern=pattern,
+        # layer norms train too (paper A), as PEFT's trainable copies saved with the adapter: `layer_norm` ends
+        # every T5 layer norm's name (`final_layer_norm` included)
+        modules_to_save=["layer_norm"],
+    )
+
+
+def supervise_fraction(dataset, fraction: float, seed: int):
+    """Keep the routing tag of a random `fraction` of the rows (fixed for the run); -100 for the others."""
+    if fraction >= 1.0:
+        return dataset
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(dataset), dtype=bool)
+    keep[rng.choice(len(dataset), size=round(fraction * len(dataset)), replace=False)] = True
+    tags = np.where(keep, np.asarray(dataset["routing_tags"]), -100)
+    return dataset.remove_columns("routing_tags").add_column("routing_tags", tags.tolist())
+
+
+def build_datasets(args: GlueRecipeArguments, training_args, tokenizer, raw: dict, router_learned: bool):
+    tasks = get_tasks(args.tasks)
+    train_parts, eval_sets = [], {}
+    for task in tasks:
+        data = raw[task.name]
+        train_parts.append(
+            tokenize_for_t5(task, take(data[task.train_split], args.max_train_samples_per_task), tokenizer, args.max_source_length)
+        )
+        for name, split in task.eval_splits:
+            rows = take(data[split], args.max_eval_samples_per_task)
+            eval_sets[name] = GlueEvalSet(task, tokenize_for_t5(task, rows, tokenizer, args.max_source_length), rows["label"])
+    train = concatenate_datasets(train_parts)
+    if router_learned and args.tag_supervision_fraction > 0:
+        train = supervise_fraction(train, args.tag_supervision_fraction, training_args.seed)
+    return train, eval_sets
+
+
+def parse_arguments(argv: Optional[list[str]] = None) -> tuple[GlueRecipeArguments, GlueTrainingArguments]:
+    """Flags (or one .json/.yaml file of them), checked before any data or model is loaded."""
+    parser = HfArgumentParser((GlueRecipeArguments, GlueTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        args, training_args = parser.parse_json_file(argv[0])
+    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        args, training_args = parser.parse_yaml_file(argv[0])
+    else:
+        args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_process_count(training_args)
+    check_routing_arguments(args)
+    return args, training_args
+
+
+def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArguments):
+    """Load (and check) the data, build the routed model, train, evaluate; returns (trainer, results)."""
+    tasks = get_tasks(args.tasks)
+    with training_args.main_process_first(desc="loading GLUE"):
+        raw = load_glue(tasks, args.data_dir)  # every data problem is reported before the model is loaded
+
+    set_seed(training_args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    peft_config = routed_adapter_config(args, AutoConfig.from_pretrained(args.model_name_or_path).d_model)
+    model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path), peft_config)
+    if args.init_experts_from is not None:
+        copied = load_experts_from(model, args.init_experts_from)
+        logger.info("Copied %d expert and layer-norm tensors from %s; routers start fresh.", len(copied), args.init_experts_from)
+    model.print_trainable_parameters()
+
+    router_learned = router_class(peft_config.router).learned
+    with training_args.main_process_first(desc="casting GLUE as text-to-text"):
+        train_dataset, eval_sets = build_datasets(args, training_args, tokenizer, raw, router_learned)
+
+    trainer = GlueSeq2SeqTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        glue_eval_sets=eval_sets,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        # the Trainer pops `labels` to smooth them, so this loss adds routing losses and REINFORCE rewards itself
+        compute_loss_func=RoutedTokenLoss(model, label_smoothing=training_args.label_smoothing_factor),
+        callbacks=[SyncRouterStatisticsCallback()],
+    )
+    # routing statistics in the Trainer's logs, collapse warnings, routing_stats.json and the model card
+    RoutingStatsCallback(tags_per_group=len(GLUE_TASK_NAMES), tag_names=GLUE_TASK_NAMES).attach(trainer)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    results = {**train_result.metrics, "train_samples": len(train_dataset)}
+    results.update(trainer.evaluate())
+    trainer.save_model()  # after evaluating: routing_stats.json and the model card hold the evaluation's statistics
+    trainer.save_state()
+    eval_stats = get_routing_stats(trainer.model).get("eval")
+    results["routing"] = eval_stats.to_dict() if eval_stats is not None else {}
+    results["routing_setup"] = {
+        "routing": args.routing,
+        "num_experts": args.num_experts,
+        "top_k": args.top_k,
+        "adapter_dim": peft_config.adapter_dim,
+        "tag_supervision_fraction": args.tag_supervision_fraction,
+        "init_experts_from": args.init_experts_from,
+        "processes": training_args.world_size,
+    }
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+    card = {"finetuned_from": args.model_name_or_path, "dataset": "nyu-mll/glue", "tasks": "text2text-generation"}
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)  # README.md with the routing section, routing_stats.json, heatmaps, results
+    else:
+        trainer.create_model_card(**card)
+    return trainer, results
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args, training_args = parse_arguments(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    return train_and_evaluate(args, training_args)[1]
+
+
+if __name__ == "__main__":
+    main()

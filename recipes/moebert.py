@@ -1,0 +1,289 @@
+"""MoEBERT on a GLUE task (paper B section 4.2 and S7): a BERT fine-tuned on the task is turned into a mixture
+of experts and distilled from itself, on one or many processes.
+
+    accelerate launch recipes/moebert.py --model_name_or_path textattack/bert-base-uncased-RTE --task rte \\
+        --router moesart --trimmed_lasso_coef 0.01 --expert_dim 768 --shared_neurons 512 --output_dir runs/rte_moesart
+    python recipes/moebert.py --model_name_or_path my_bert_rte --data_dir my_glue --task rte --router top_k ...
+
+The three steps of MoEBERT's code (Zuo et al. 2022), as paper B ran them:
+1. the importance of every feed-forward neuron on the task's training data (`hf_condroute.moebert.importance_scores`);
+2. each feed-forward network replaced by `--num_experts` experts of `--expert_dim` neurons, the `--shared_neurons`
+   most important in all of them (`RoutedFFNConfig`, a PEFT method: the dense weights stay, frozen);
+3. distillation with the Trainer: task loss + `--distill_coef` x (MSE of every layer's hidden states + KL of the
+   logits, MSE for STS-B) against the same model with its adapters disabled, i.e. the dense teacher.
+Only the experts, routers and classifier train (the rest is the teacher's). Evaluation uses GLUE's official
+metric of the task; `all_results.json` has the teacher's, the converted model's (before distillation) and the
+distilled model's metrics, how far their hidden states are from the teacher's, and routing statistics.
+
+Every `TrainingArguments` flag works as usual (`--eval_strategy epoch --load_best_model_at_end
+--metric_for_best_model <metric>` picks the best epoch, as paper B did). `--data_dir` is a folder of
+`save_to_disk` GLUE tasks named by the Hub's config names; without it `nyu-mll/glue` is loaded from the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch.distributed as dist
+import transformers
+from peft import get_peft_model
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    TrainingArguments,
+    set_seed,
+)
+
+from hf_condroute import RoutedFFNConfig, RoutingConfig, RoutingStatsCallback
+from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
+from hf_condroute.glue import get_task, glue_average, load_glue, take, task_metrics
+from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores, plan_conversion
+from hf_condroute.stats import compute_routing_stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MoEBERTArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "A BERT-like classifier fine-tuned on the task (Hub name or folder): the teacher."}
+    )
+    task: str = field(default="rte", metadata={"help": "GLUE task (Hub config name): cola sst2 mrpc qqp stsb mnli qnli rte."})
+    data_dir: Optional[str] = field(
+        default=None, metadata={"help": "Folder with one `save_to_disk` DatasetDict per task; default: nyu-mll/glue."}
+    )
+    router: str = field(default="top_k", metadata={"help": "A router of hf_condroute.ROUTERS (paper B: top_k, moesart)."})
+    num_experts: int = field(default=4, metadata={"help": "Experts per FFN (MoEBERT: 4)."})
+    top_k: int = field(default=2, metadata={"help": "Experts per token (paper B: 2)."})
+    expert_dim: Optional[int] = field(
+        default=None, metadata={"help": "Neurons per expert (MoEBERT on BERT-base: 768); default: FFN size / experts."}
+    )
+    shared_neurons: int = field(default=0, metadata={"help": "Most important neurons shared by all experts (MoEBERT: 512)."})
+    routing_granularity: str = field(default="token", metadata={"help": "token (MoEBERT) or example."})
+    trimmed_lasso_coef: float = field(default=0.0, metadata={"help": "MOESART's trimmed lasso weight (paper B grid 1e-4..10)."})
+    router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Load-balancing loss weight."})
+    distill_coef: float = field(default=1.0, metadata={"help": "Weight of the distillation term (paper B grid: 1..5)."})
+    importance_batches: Optional[int] = field(
+        default=None, metadata={"help": "Batches of training data for the importance scores (default: all)."}
+    )
+    importance_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "A safetensors file of importance scores: read when it exists, else computed and written there."},
+    )
+    fidelity_batches: int = field(default=8, metadata={"help": "Evaluation batches for the hidden-state comparison."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "First N training rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "First N rows of each evaluation set."})
+    max_seq_length: int = field(default=128, metadata={"help": "Inputs are truncated to this many tokens."})
+
+
+@dataclass
+class MoEBERTTrainingArguments(TrainingArguments):
+    """TrainingArguments with defaults for distilling into routed experts (paper B S7: 10 epochs)."""
+
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs (paper B: 10)."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
+    ddp_find_unused_parameters: Optional[bool] = field(
+        default=False, metadata={"help": "Expert banks stack their experts, so every trainable parameter gets a gradient."}
+    )
+
+
+def routing_config(args: MoEBERTArguments) -> RoutingConfig:
+    return RoutingConfig(
+        router=args.router,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        routing_granularity=args.routing_granularity,
+        trimmed_lasso_coef=args.trimmed_lasso_coef,
+        router_aux_loss_coef=args.router_aux_loss_coef,
+    )
+
+
+def check_arguments(args: MoEBERTArguments) -> None:
+    """Every mistake in the flags, found before any data or model is loaded."""
+    get_task(args.task)
+    routing_config(args).validate_routing()
+    if args.expert_dim is not None and args.shared_neurons > args.expert_dim:
+        raise ValueError(
+            f"--shared_neurons {args.shared_neurons} is larger than --expert_dim {args.expert_dim}: the shared neurons "
+            "are part of every expert."
+        )
+    if args.distill_coef < 0:
+        raise ValueError(f"--distill_coef must be >= 0, got {args.distill_coef}.")
+
+
+def parse_arguments(argv: Optional[list[str]] = None) -> tuple[MoEBERTArguments, MoEBERTTrainingArguments]:
+    parser = HfArgumentParser((MoEBERTArguments, MoEBERTTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        args, training_args = parser.parse_json_file(argv[0])
+    else:
+        args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_process_count(training_args)
+    check_arguments(args)
+    return args, training_args
+
+
+def ffn_config(args: MoEBERTArguments, importance) -> RoutedFFNConfig:
+    routing = {f.name: getattr(routing_config(args), f.name) for f in fields(RoutingConfig)}
+    return RoutedFFNConfig(
+        **routing,
+        task_type="SEQ_CLS",
+        expert_dim=args.expert_dim,
+        shared_neurons=args.shared_neurons,
+        importance=importance,
+        init_weights=importance is not None,
+    )
+
+
+def tokenize(task, rows, tokenizer, max_length: int):
+    def encode(batch):
+        encoded = tokenizer(*(batch[c] for c in task.text_columns), truncation=True, max_length=max_length)
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    return rows.map(encode, batched=True, remove_columns=rows.column_names)
+
+
+def glue_metrics(task):
+    def compute(eval_pred) -> dict:
+        predictions = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        predictions = predictions.squeeze(-1) if task.is_regression else predictions.argmax(-1)
+        return task_metrics(task, predictions, eval_pred.label_ids)
+
+    return compute
+
+
+def neuron_importance(args, training_args, model, train_dataset, collator) -> dict:
+    """Importance on the training data; each process scores its share and the sums are added up, so every process
+    converts the model the same way."""
+    if args.importance_file is not None and os.path.exists(args.importance_file):
+        logger.info("Reading importance scores from %s", args.importance_file)
+        return load_file(args.importance_file)
+    shard = train_dataset.shard(training_args.world_size, training_args.process_index, contiguous=True)
+    loader = DataLoader(shard, batch_size=training_args.per_device_train_batch_size, collate_fn=collator)
+    max_batches = None
+    if args.importance_batches is not None:
+        max_batches = -(-args.importance_batches // training_args.world_size)
+    scores = importance_scores(model.to(training_args.device), loader, max_batches=max_batches, progress=True)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for value in scores.values():
+            summed = value.to(training_args.device)
+            dist.all_reduce(summed)
+            value.copy_(summed.cpu())
+    if args.importance_file is not None and training_args.process_index == 0:
+        save_file({k: v.contiguous() for k, v in scores.items()}, args.importance_file)
+    return scores
+
+
+def evaluate_all(trainer, eval_sets: dict, prefix: str) -> tuple[dict, float]:
+    """The trainer's metrics on every evaluation set (keys `<prefix>_<set>_<metric>`), and the GLUE score."""
+    metrics = trainer.evaluate(eval_dataset=eval_sets, metric_key_prefix=prefix)
+    per_set = {}
+    for name in eval_sets:
+        start = f"{prefix}_{name}_"
+        per_set[name] = {k[len(start):]: v for k, v in metrics.items() if k.startswith(start)}
+    return metrics, glue_average(per_set)
+
+
+def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArguments):
+    """Load (and check) the data, convert, distil, evaluate; returns (trainer, results)."""
+    task = get_task(args.task)
+    with training_args.main_process_first(desc="loading GLUE"):
+        raw = load_glue([task], args.data_dir)[task.name]
+
+    set_seed(training_args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=task.num_labels)
+    plan = plan_conversion(model, ffn_config(args, None))  # unknown architecture or bad sizes: fail before any work
+    if not plan:
+        raise ValueError(f"No feed-forward network found in {args.model_name_or_path}: nothing to convert.")
+
+    with training_args.main_process_first(desc="tokenizing"):
+        train_dataset = tokenize(task, take(raw[task.train_split], args.max_train_samples), tokenizer, args.max_seq_length)
+        eval_sets = {
+            name: tokenize(task, take(raw[split], args.max_eval_samples), tokenizer, args.max_seq_length)
+            for name, split in task.eval_splits
+        }
+    collator = DataCollatorWithPadding(tokenizer)
+
+    scores = neuron_importance(args, training_args, model, train_dataset, collator)
+    peft_config = ffn_config(args, scores)
+    set_seed(training_args.seed)  # every process builds the same routers
+    model = get_peft_model(model, peft_config)
+    model.print_trainable_parameters()
+
+    trainer = DistillationTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=glue_metrics(task),
+        callbacks=[SyncRouterStatisticsCallback()],
+        distill_coef=args.distill_coef,
+        regression=task.is_regression,
+    )
+    first_set, fidelity_data = next(iter(eval_sets.items()))
+    fidelity_loader = DataLoader(fidelity_data, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator)
+
+    results: dict = {}
+    with model.disable_adapter():
+        teacher, results["teacher_glue_score"] = evaluate_all(trainer, eval_sets, "teacher")
+    RoutingStatsCallback().attach(trainer)  # after the teacher's evaluation, which routes nothing
+    converted, results["converted_glue_score"] = evaluate_all(trainer, eval_sets, "converted")
+    fidelity = {"converted": hidden_state_gap(model, fidelity_loader, args.fidelity_batches)}
+
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    final, results["eval_glue_score"] = evaluate_all(trainer, eval_sets, "eval")
+    fidelity["distilled"] = hidden_state_gap(model, fidelity_loader, args.fidelity_batches)
+
+    # routing statistics over the first evaluation set, each process its exact share (the Trainer's evaluation
+    # pads the last batch across processes with repeated examples)
+    shard = fidelity_data.shard(training_args.world_size, training_args.process_index, contiguous=True)
+    shard_loader = DataLoader(shard, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator)
+    stats = compute_routing_stats(model, (dict(b) for b in shard_loader), split=f"eval_{first_set}")
+    results.update({**train_result.metrics, **teacher, **converted, **final, "train_samples": len(train_dataset)})
+    results["fidelity"] = fidelity
+    results["routing"] = stats.to_dict()
+    some = next(iter(plan.values()))
+    results["routing_setup"] = {
+        "task": task.name,
+        "router": peft_config.router,
+        "num_experts": some.neuron_index.shape[0],
+        "top_k": peft_config.top_k,
+        "expert_dim": some.neuron_index.shape[1],
+        "shared_neurons": peft_config.shared_neurons,
+        "ffn_dim": some.parts.ffn_dim,
+        "routing_granularity": peft_config.routing_granularity,
+        "distill_coef": args.distill_coef,
+        "processes": training_args.world_size,
+    }
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(finetuned_from=args.model_name_or_path, dataset="nyu-mll/glue", tags=["hf_condroute", "moebert"])
+    return trainer, results
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args, training_args = parse_arguments(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    return train_and_evaluate(args, training_args)[1]
+
+
+if __name__ == "__main__":
+    main()

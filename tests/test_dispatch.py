@@ -1,0 +1,320 @@
+"""The expert dispatch: every strategy, against a plain per-row loop, forward and gradients."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import hf_condroute.experts as experts_mod
+from hf_condroute import ROUTERS, AdapterBank, RoutedBlock, RoutingConfig, RoutingInputs, build_router
+from hf_condroute.experts import (
+    ExpertMLPWeights,
+    MLPExpertBank,
+    choose_strategy,
+    dispatch,
+    expert_mlp,
+    group_by_expert,
+    grouped_linear,
+    grouped_mm_supported,
+)
+
+D, H, N = 16, 8, 6
+STRATEGIES = ["dense", "per_row", "grouped", None]
+
+
+def make_bank(dtype=torch.float64, n=N, seed=0) -> AdapterBank:
+    torch.manual_seed(seed)
+    bank = AdapterBank(n, D, H, init_weights=False).to(dtype)
+    with torch.no_grad():  # non-zero biases, so that their gradients and weighting are checked too
+        bank.down_bias.normal_()
+        bank.up_bias.normal_()
+    return bank
+
+
+def reference(bank: AdapterBank, x, experts, weights):
+    """sum_j w_j f_{e_j}(x) row by row; empty slots (-1) add nothing."""
+    rows = []
+    for r in range(x.shape[0]):
+        acc = torch.zeros(*x.shape[1:-1], bank.out_features, dtype=x.dtype)
+        for j in range(experts.shape[1]):
+            e = int(experts[r, j])
+            if e >= 0:
+                hidden = bank.act(x[r] @ bank.down_weight[e] + bank.down_bias[e])
+                acc = acc + weights[r, j] * (hidden @ bank.up_weight[e] + bank.up_bias[e])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def decision(rows: int, k: int, seed: int, used=range(N), empty_slots: bool = True):
+    """Random distinct experts per row from `used` (so other experts get no rows), some slots empty."""
+    g = torch.Generator().manual_seed(seed)
+    used = torch.tensor(list(used))
+    experts = torch.stack([used[torch.randperm(len(used), generator=g)[:k]] for _ in range(rows)])
+    if empty_slots:
+        experts[1, 0] = -1
+        if k > 1:
+            experts[3, k - 1] = -1
+    weights = torch.rand(rows, k, generator=g, dtype=torch.float64)
+    return experts, weights
+
+
+def grads_of(fn, bank, x, weights, grad_out):
+    out = fn()
+    inputs = [x, weights, *bank.parameters()]
+    return out, torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+
+
+def assert_same(fast, ref, rtol, atol):
+    (out, grads), (ref_out, ref_grads) = fast, ref
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length,k", list(itertools.product([1, 5], [1, 2, 3])))
+def test_expert_mlp_matches_reference(strategy, dtype, length, k):
+    bank = make_bank(dtype)
+    experts, weights = decision(7, k, seed=10 * length + k, used=[0, 2, 3, 5])  # experts 1 and 4 get no rows
+    weights = weights.to(dtype).requires_grad_()
+    x = torch.randn(7, length, D, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(7, length, D, dtype=dtype)
+    fast = grads_of(lambda: expert_mlp(x, experts, weights, bank.mlp_weights(), bank.act, strategy), bank, x, weights, grad_out)
+    ref = grads_of(lambda: reference(bank, x, experts, weights), bank, x, weights, grad_out)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    assert_same(fast, ref, **tol)
+    # experts without rows get exactly zero gradient; empty slots' weights too
+    assert bank.down_weight.grad is None
+    grad_w = fast[1][1]
+    assert (grad_w[experts < 0] == 0).all()
+    for param_grad in fast[1][2:]:
+        assert (param_grad[[1, 4]] == 0).all()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_repeated_expert_in_a_row_adds_up(strategy):
+    # MOESART with replacement may draw an expert twice; the outputs of both slots add up
+    bank = make_bank()
+    experts = torch.tensor([[2, 2], [0, 1], [3, 3]])
+    weights = torch.rand(3, 2, dtype=torch.float64)
+    x = torch.randn(3, 4, D, dtype=torch.float64)
+    out = expert_mlp(x, experts, weights, bank.mlp_weights(), bank.act, strategy)
+    torch.testing.assert_close(out, reference(bank, x, experts, weights))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_backward_of_a_plain_sum(strategy):
+    # out.sum() hands back a broadcast (stride 0) gradient, which grouped_mm's own backward refuses
+    bank = make_bank(torch.float32)
+    experts, weights = decision(6, 2, seed=1)
+    x = torch.randn(6, 1, D, requires_grad=True)
+    expert_mlp(x, experts, weights.float(), bank.mlp_weights(), bank.act, strategy).sum().backward()
+    ref_x = x.detach().double().requires_grad_()
+    reference(bank.double(), ref_x, experts, weights).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_no_filled_slot_gives_zeros_of_the_right_shape():
+    bank = make_bank()
+    x = torch.randn(3, 2, D, dtype=torch.float64)
+    out = expert_mlp(x, torch.full((3, 2), -1), torch.zeros(3, 2), bank.mlp_weights(), bank.act)
+    assert out.shape == (3, 2, D) and (out == 0).all()
+    out.sum().backward()  # every parameter still gets a (zero) gradient: DDP sees no unused parameter
+    assert all(p.grad is not None and (p.grad == 0).all() for p in bank.parameters())
+    out = expert_mlp(x[:0], torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1), bank.mlp_weights(), bank.act)
+    assert out.shape == (0, 2, D)
+
+
+def test_two_dimensional_rows():
+    bank = make_bank()
+    experts, weights = decision(5, 2, seed=4)
+    x = torch.randn(5, D, dtype=torch.float64)
+    out = bank(x, experts, weights)
+    torch.testing.assert_close(out, reference(bank, x.unsqueeze(1), experts, weights).squeeze(1))
+
+
+def test_the_cost_model_picks_the_cheap_strategy():
+    # T5-small-sized adapters (d 512, bottleneck 64), 8 experts; shapes are all the cost model reads
+    mlp = ExpertMLPWeights(torch.empty(8, 512, 64, device="meta"), None, torch.empty(8, 64, 512, device="meta"), None)
+    assert choose_strategy(rows=32, length=128, width=1, assignments=32, mlp=mlp) == "per_row"  # per example
+    assert choose_strategy(rows=4096, length=1, width=1, assignments=4096, mlp=mlp) == "grouped"  # per token
+    assert choose_strategy(rows=32, length=128, width=8, assignments=256, mlp=mlp) == "dense"  # softmax
+    assert choose_strategy(rows=4096, length=1, width=8, assignments=4096 * 8, mlp=mlp) == "dense"
+    assert choose_strategy(rows=4, length=32, width=1, assignments=4, mlp=mlp) == "per_row"  # too small to sort
+
+
+def test_bad_decisions_are_refused_with_the_fix():
+    bank = make_bank()
+    x = torch.randn(3, 2, D, dtype=torch.float64)
+    with pytest.raises(ValueError, match="names expert 7.*same num_experts"):
+        bank(x, torch.tensor([[0], [7], [1]]), torch.ones(3, 1))
+    with pytest.raises(ValueError, match="rows = 3"):
+        bank(x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
+    with pytest.raises(ValueError, match="take 16 input features"):
+        bank(torch.randn(3, 2, 5), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        expert_mlp(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), ExpertMLPWeights(
+            bank.down_weight, None, bank.up_weight.transpose(1, 2), None), bank.act)
+    with pytest.raises(ValueError, match="Unknown dispatch strategy"):
+        expert_mlp(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), bank.mlp_weights(), bank.act, "fast")
+
+
+def test_grouping_sorts_by_expert_and_spots_permutations():
+    experts = torch.tensor([[2], [0], [2], [1]])
+    g = group_by_expert(experts, torch.tensor([[0.1], [0.2], [0.3], [0.4]]), 4)
+    assert g.rows.tolist() == [1, 3, 0, 2] and g.counts == [1, 1, 2, 0]
+    assert g.offsets.tolist() == [1, 2, 4, 4] and g.experts.tolist() == [0, 1, 2, 2]
+    torch.testing.assert_close(g.weights, torch.tensor([0.2, 0.4, 0.1, 0.3]))
+    assert g.inverse is not None and g.rows[g.inverse].tolist() == [0, 1, 2, 3]
+    two = group_by_expert(torch.tensor([[1, -1], [0, 1]]), torch.ones(2, 2), 2)
+    assert two.inverse is None and two.rows.tolist() == [1, 0, 1] and two.counts == [1, 2]
+
+
+def test_grouped_linear_fallback_matches_grouped_mm(monkeypatch):
+    torch.manual_seed(0)
+    a = torch.randn(12, D, requires_grad=True)
+    b = torch.randn(3, D, H, requires_grad=True)
+    bias = torch.randn(3, H, requires_grad=True)
+    scale = torch.randn(12, requires_grad=True)
+    counts = [3, 0, 9]
+    offsets = torch.tensor(counts).cumsum(0).int()
+    grad = torch.randn(12, H)
+
+    def run():
+        out = grouped_linear(a, b, offsets, counts, bias, scale)
+        plain = grouped_linear(a, b, offsets, counts, bias)
+        return (out, plain, *torch.autograd.grad((out, plain), (a, b, bias, scale), (grad, grad)))
+
+    fast = run()
+    monkeypatch.setitem(experts_mod._GROUPED_MM_OK, (a.device.type, a.device.index, a.dtype), False)
+    loop = run()
+    for x, y in zip(fast, loop):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    expected = torch.cat([a[:3] @ b[0] + scale[:3, None] * bias[0], a[3:] @ b[2] + scale[3:, None] * bias[2]])
+    torch.testing.assert_close(fast[0], expected)
+    assert (fast[3][1] == 0).all() and (fast[4][1] == 0).all()  # the empty group gets no gradient
+
+
+def test_grouped_mm_is_probed_per_dtype():
+    assert grouped_mm_supported(torch.device("cpu"), torch.float64) is False  # grouped_mm has no float64
+    if hasattr(torch.nn.functional, "grouped_mm"):
+        assert grouped_mm_supported(torch.device("cpu"), torch.float32) is True
+
+
+def test_bfloat16_runs_close_to_float32():
+    bank = make_bank(torch.float32)
+    experts, weights = decision(6, 2, seed=5, empty_slots=False)
+    x = torch.randn(6, 1, D)
+    ref = expert_mlp(x, experts, weights.float(), bank.mlp_weights(), bank.act)
+    bank16 = bank.to(torch.bfloat16)
+    for strategy in STRATEGIES:
+        out = expert_mlp(x.bfloat16(), experts, weights.float(), bank16.mlp_weights(), bank16.act, strategy)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_generic_dispatch_matches_reference():
+    bank = make_bank()
+    experts, weights = decision(7, 2, seed=6)
+    x = torch.randn(7, 3, D, dtype=torch.float64, requires_grad=True)
+
+    def expert(e, rows):
+        return bank.act(rows @ bank.down_weight[e] + bank.down_bias[e]) @ bank.up_weight[e] + bank.up_bias[e]
+
+    out = dispatch(x, experts, weights, N, D, expert)
+    torch.testing.assert_close(out, reference(bank, x, experts, weights))
+    single = torch.tensor([[3], [0], [5], [0], [1], [2], [3]])
+    torch.testing.assert_close(
+        dispatch(x, single, weights[:, :1], N, D, expert), reference(bank, x, single, weights[:, :1])
+    )
+    assert (dispatch(x, torch.full((7, 1), -1), weights[:, :1], N, D, expert) == 0).all()
+
+
+class SliceBank(MLPExpertBank):
+    """How a bank of feed-forward slices plugs in: stacked weights, no biases, its own activation."""
+
+    def __init__(self, n, d, h):
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = n, d, d
+        self.wi = torch.nn.Parameter(torch.randn(n, d, h, dtype=torch.float64))
+        self.wo = torch.nn.Parameter(torch.randn(n, h, d, dtype=torch.float64))
+        self.act = torch.nn.functional.gelu
+
+    def mlp_weights(self) -> ExpertMLPWeights:
+        return ExpertMLPWeights(self.wi, None, self.wo, None)
+
+
+@pytest.mark.parametrize("length", [1, 12])
+def test_a_bank_only_supplies_its_weights(length):
+    bank = SliceBank(4, D, H)
+    experts, weights = decision(5, 2, seed=7, used=range(4))
+    x = torch.randn(5, length, D, dtype=torch.float64)
+    out = bank(x, experts, weights)
+    ref = torch.zeros_like(out)
+    for r, j in itertools.product(range(5), range(2)):
+        e = int(experts[r, j])
+        if e >= 0:
+            ref[r] += weights[r, j] * (torch.nn.functional.gelu(x[r] @ bank.wi[e]) @ bank.wo[e])
+    torch.testing.assert_close(out, ref)
+
+
+# ----- through RoutedBlock, every router ------------------------------------------------------------
+
+
+class ReferenceBank(AdapterBank):
+    def forward(self, x, experts, weights):
+        return reference(self, x, experts, weights)
+
+
+def block_pair(router: str, granularity: str):
+    top_k = 2 if router in ("moesart", "top_k", "expert_choice") else 1
+    cfg = RoutingConfig(router=router, num_experts=4, top_k=top_k, routing_granularity=granularity)
+    cfg.validate_routing()
+    blocks = []
+    for bank_cls in (AdapterBank, ReferenceBank):
+        torch.manual_seed(0)
+        r = build_router(cfg, D, "blk")
+        bank = bank_cls(r.num_experts, D, H, init_weights=False).double()
+        with torch.no_grad():
+            bank.up_bias.normal_()
+        blocks.append(RoutedBlock(r, bank, granularity, name="blk").double().train())
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    return blocks
+
+
+@pytest.mark.parametrize("granularity,padded", [("example", True), ("token", True), ("token", False)])
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_routed_block_matches_reference_for_every_router(router, granularity, padded):
+    fast, slow = block_pair(router, granularity)
+    x0 = torch.randn(6, 5, D, dtype=torch.float64)
+    mask = torch.ones(6, 5, dtype=torch.long)
+    if padded:
+        mask[0, 3:] = 0
+        mask[4, 1:] = 0
+    inputs = RoutingInputs(
+        mask=mask if padded else None,
+        tags=torch.tensor([0, 1, 2, 3, 1, 0]),
+        keys=torch.arange(6) * 7919,
+        token_ids=torch.arange(30).view(6, 5),
+    )
+    grad_out = torch.randn(6, 5, D, dtype=torch.float64)
+    results = []
+    for block in (fast, slow):
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(1)  # stochastic routers draw the same choices
+        out = block(x, inputs)
+        params = [p for p in block.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out, [x, *params], grad_out, allow_unused=True)
+        results.append((out, grads))
+    (out, grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(out, ref_out)
+    for g, rg in zip(grads, ref_grads):
+        if rg is None:
+            assert g is None or (g == 0).all()
+        else:
+            torch.testing.assert_close(g, rg)
+    if padded and granularity == "token":
+        assert (out[mask == 0] == 0).all()
