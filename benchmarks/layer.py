@@ -66,6 +66,20 @@ class ForcedStrategyBank(AdapterBank):
         return expert_mlp(x, experts, weights, self.mlp_weights(), self.act, strategy=self.strategy)
 
 
+class FixedDecisionBank(nn.Module):
+    """The bank alone, called with one fixed random decision (k=1): the dispatch's cost without the router."""
+
+    def __init__(self, d: int, adapter_dim: int, n: int, batch: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.bank = AdapterBank(n, d, adapter_dim, init_weights=False)
+        self.register_buffer("experts", torch.randint(0, n, (batch, 1), generator=g))
+        self.register_buffer("weights", torch.rand(batch, 1, generator=g))
+
+    def forward(self, x):
+        return self.bank(x, self.experts, self.weights)
+
+
 def routed(d: int, adapter_dim: int, router: str, n: int, k: int, granularity="example", bank_cls=AdapterBank, **kw):
     config = RoutingConfig(router=router, num_experts=n, top_k=k, routing_granularity=granularity)
     config.validate_routing()
@@ -74,7 +88,7 @@ def routed(d: int, adapter_dim: int, router: str, n: int, k: int, granularity="e
     return RoutedBlock(r, bank, granularity, name="bench")
 
 
-def variants(d: int, h: int) -> dict[str, tuple[nn.Module, str]]:
+def variants(d: int, h: int, batch: int) -> dict[str, tuple[nn.Module, str]]:
     """name -> (module, what it is)."""
     return {
         BASELINE: (nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d)), "plain Linear-ReLU-Linear"),
@@ -94,6 +108,9 @@ def variants(d: int, h: int) -> dict[str, tuple[nn.Module, str]]:
         ),
         "top_k N=8 k=1, per-expert loop": (routed(d, h, "top_k", 8, 1, bank_cls=LoopAdapterBank), "generic dispatch"),
         "top_k N=64 k=1, per-expert loop": (routed(d, h, "top_k", 64, 1, bank_cls=LoopAdapterBank), "generic dispatch"),
+        "bank only N=1": (FixedDecisionBank(d, h, 1, batch), "no router; the single-expert shortcut"),
+        "bank only N=8": (FixedDecisionBank(d, h, 8, batch), "no router; fixed random decision"),
+        "bank only N=64": (FixedDecisionBank(d, h, 64, batch), "no router; fixed random decision"),
     }
 
 
@@ -120,7 +137,7 @@ def main(argv=None) -> dict:
     add_common_args(parser, reps=30, warmup=3)
     args = parser.parse_args(argv)
     device, dtype = setup(args)
-    specs = variants(args.d_model, args.adapter_dim)
+    specs = variants(args.d_model, args.adapter_dim, args.batch)
     if args.only:
         unknown = set(args.only) - set(specs)
         if unknown:

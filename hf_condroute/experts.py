@@ -13,8 +13,11 @@ feed-forward layer), subclass `MLPExpertBank`: set `self.act` and implement `mlp
 `ExpertMLPWeights(w1 (N, D, H), b1 (N, H) | None, w2 (N, H, O), b2 (N, O) | None)`, built from the bank's
 own parameters (a view or a cheap concatenation: it is called once per forward, inside autograd).
 `MLPExpertBank.forward` hands them to `expert_mlp`, which owns the grouped computation and picks, per call,
-the cheapest of three exact strategies with a cost model (`choose_strategy`):
+the cheapest of three exact strategies with a cost model (`choose_strategy`), after one shortcut:
 
+- "single": every row has one slot and all of them name the same expert (the `monolithic` router, a
+  tag router on a one-task batch): that expert runs as a plain MLP on all rows, two GEMMs at the full
+  batch size with no gather at all, as an unrouted adapter would.
 - "dense": every row uses (almost) every expert (the `softmax` router): all experts run as one wide MLP,
   x @ [W1_1 .. W1_N] then (act(.) * weights) @ [W2_1; ..; W2_N]: two large matmuls and no gathers.
 - "per_row": rows are long (per-example routing: the row is a whole sequence, T >= H): each row gathers
@@ -28,7 +31,7 @@ the cheapest of three exact strategies with a cost model (`choose_strategy`):
   one matmul per expert. When every row has exactly one assignment the gather and the combine are
   permutations (their backward is a gather too, not a zero-filled index_add).
 
-In all three the combine weight multiplies the small hidden activation (act(.) * w), never the output,
+In all of them the combine weight multiplies the small hidden activation (act(.) * w), never the output,
 and the weighted output bias (sum_j w_j b2[e_j] per row) is added inside the GEMM (`baddbmm`) or in place:
 routing adds no full-size temporary.
 Weight gradients land in the stacked parameters directly (grouped_mm's backward, or one index_add per
@@ -333,8 +336,8 @@ def expert_mlp(
 ) -> torch.Tensor:
     """sum_j weights[:, j] * f_{experts[:, j]}(x) for rows x (R, ..., D); see the module docstring.
 
-    `strategy` forces one of 'dense', 'per_row', 'grouped' (for tests and benchmarks); None picks the
-    cheapest."""
+    `strategy` forces one of 'dense', 'per_row', 'grouped', 'single' (for tests and benchmarks; 'single' only
+    where every row has the same one expert); None picks the cheapest."""
     mlp.check()
     num_experts, d, _ = mlp.w1.shape
     if x.shape[-1] != d:
@@ -357,15 +360,26 @@ def expert_mlp(
     weights = weights.to(x.dtype)
     if empty:  # an empty slot's weight is exactly 0 and gets no gradient, whatever the router put there
         weights = weights.masked_fill(experts < 0, 0.0)
+    used = [e for e, c in enumerate(counts) if c]
+    only_expert = used[0] if width == 1 and not empty and len(used) == 1 else None
+    if strategy is None and only_expert is not None:
+        strategy = "single"
     strategy = strategy or choose_strategy(rows, length, width, assignments, mlp)
-    if strategy == "dense":
+    if strategy == "single":
+        if only_expert is None:
+            raise ValueError(
+                "strategy='single' needs every row to have exactly one slot, all naming the same expert; "
+                "leave strategy=None to pick one that fits this decision."
+            )
+        out = _single_expert_mlp(seq, only_expert, weights, mlp, act)
+    elif strategy == "dense":
         out = _dense_mlp(seq, experts, weights, mlp, act)
     elif strategy == "per_row":
         out = _per_row_mlp(seq, experts, weights, mlp, act)
     elif strategy == "grouped":
         out = _grouped_mlp(seq, experts, weights, mlp, act, (empty, counts))
     else:
-        raise ValueError(f"Unknown dispatch strategy {strategy!r}; use 'dense', 'per_row' or 'grouped'.")
+        raise ValueError(f"Unknown dispatch strategy {strategy!r}; use 'dense', 'per_row', 'grouped' or 'single'.")
     return out.reshape(*x.shape[:-1], out_features)
 
 
@@ -376,6 +390,18 @@ def _weighted_output_bias(b2: Optional[torch.Tensor], experts: torch.Tensor, wei
     rows, width = experts.shape
     per_slot = b2.index_select(0, experts.reshape(-1).clamp(min=0)).view(rows, width, -1)
     return torch.bmm(weights.unsqueeze(1), per_slot).squeeze(1)
+
+
+def _single_expert_mlp(seq, expert: int, weights, mlp: ExpertMLPWeights, act):
+    """One expert for every row: 3-D @ 2-D matmuls fold into single GEMMs over all R*T tokens."""
+    hidden = torch.matmul(seq, mlp.w1[expert])
+    if mlp.b1 is not None:
+        hidden.add_(mlp.b1[expert])
+    hidden = act(hidden) * weights.view(-1, 1, 1)  # weights (R, 1): the row's combine weight
+    out = torch.matmul(hidden, mlp.w2[expert])
+    if mlp.b2 is not None:
+        out.add_(weights.view(-1, 1, 1) * mlp.b2[expert])  # in place: the matmul's backward does not need out
+    return out
 
 
 def _dense_mlp(seq, experts, weights, mlp: ExpertMLPWeights, act):

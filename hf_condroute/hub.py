@@ -357,7 +357,12 @@ def update_model_card(folder: str, template: Optional[str] = None) -> Optional[s
     base = next((r.get("base_model") for r in records.values() if r.get("base_model")), None)
     if base and not data.get("base_model"):
         data.base_model = base
-    data.tags = sorted(set(data.tags or []) | set(CARD_TAGS))
+    if not data.get("base_model"):
+        # a base model built from a config has no name: PEFT then writes `base_model: ''` and a tag
+        # 'base_model:adapter:' with nothing after it, metadata the Hub cannot resolve
+        data.base_model = None
+    tags = set(data.tags or []) | set(CARD_TAGS)
+    data.tags = sorted(t for t in tags if not t.endswith(":"))
     card.save(path)
     return path
 

@@ -1,6 +1,6 @@
 """Paper A's DAE-Syn study on a CPU: every router, tag supervision and subnet init, 3 seeds, one command.
 
-    python recipes/dae_syn.py                                  # the whole study (about 46 min on 2 idle cores)
+    python recipes/dae_syn.py                                  # the whole study (42 min on 2 idle cores)
     python recipes/dae_syn.py --quick                          # every row, 1 seed, a few steps (a smoke test)
     python recipes/dae_syn.py --routing top_k --routing top_k+sup10 --seeds 1 --steps 1000
 

@@ -21,7 +21,7 @@ from hf_condroute.experts import (
 )
 
 D, H, N = 16, 8, 6
-STRATEGIES = ["dense", "per_row", "grouped", None]
+STRATEGIES = ["dense", "per_row", "grouped", None]  # "single": test_one_expert_for_every_row
 
 
 def make_bank(dtype=torch.float64, n=N, seed=0) -> AdapterBank:
@@ -318,3 +318,24 @@ def test_routed_block_matches_reference_for_every_router(router, granularity, pa
             torch.testing.assert_close(g, rg)
     if padded and granularity == "token":
         assert (out[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_one_expert_for_every_row_runs_as_a_plain_mlp(length, monkeypatch):
+    bank = make_bank()
+    x = torch.randn(7, length, D, dtype=torch.float64, requires_grad=True)
+    experts = torch.full((7, 1), 4)
+    weights = torch.rand(7, 1, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(7, length, D, dtype=torch.float64)
+    chosen = []
+    single = experts_mod._single_expert_mlp
+    monkeypatch.setattr(experts_mod, "_single_expert_mlp", lambda *a: chosen.append(1) or single(*a))
+    fast = grads_of(lambda: expert_mlp(x, experts, weights, bank.mlp_weights(), bank.act), bank, x, weights, grad_out)
+    ref = grads_of(lambda: reference(bank, x, experts, weights), bank, x, weights, grad_out)
+    assert chosen  # picked without being asked
+    assert_same(fast, ref, rtol=1e-10, atol=1e-10)
+    assert fast[1][2].abs().sum() > 0 and fast[1][2][[0, 1, 2, 3, 5]].abs().sum() == 0  # only expert 4 learns
+    # a decision that mixes experts, or leaves a slot empty, cannot take the shortcut
+    for bad in (torch.tensor([[4]] * 6 + [[1]]), torch.tensor([[4]] * 6 + [[-1]])):
+        with pytest.raises(ValueError, match="strategy='single' needs"):
+            expert_mlp(x, bad, weights, bank.mlp_weights(), bank.act, "single")
