@@ -360,8 +360,9 @@ def expert_mlp(
     weights = weights.to(x.dtype)
     if empty:  # an empty slot's weight is exactly 0 and gets no gradient, whatever the router put there
         weights = weights.masked_fill(experts < 0, 0.0)
-    used = [e for e, c in enumerate(counts) if c]
-    only_expert = used[0] if width == 1 and not empty and len(used) == 1 else None
+    only_expert = None  # the one expert every row names, if there is one
+    if width == 1 and not empty and counts.count(0) == num_experts - 1:
+        only_expert = next(e for e, c in enumerate(counts) if c)
     if strategy is None and only_expert is not None:
         strategy = "single"
     strategy = strategy or choose_strategy(rows, length, width, assignments, mlp)

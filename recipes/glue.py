@@ -21,9 +21,7 @@ warm-up, label smoothing 0.1, batch 128).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -264,9 +262,7 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
         "init_experts_from": args.init_experts_from,
         "processes": training_args.world_size,
     }
-    if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+    trainer.save_metrics("all", results, combined=False)  # all_results.json, on the main process
     card = {"finetuned_from": args.model_name_or_path, "dataset": "nyu-mll/glue", "tasks": "text2text-generation"}
     if training_args.push_to_hub:
         trainer.push_to_hub(**card)  # README.md with the routing section, routing_stats.json, heatmaps, results

@@ -22,7 +22,6 @@ Every `TrainingArguments` flag works as usual (`--eval_strategy epoch --load_bes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -270,9 +269,7 @@ def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArg
         "distill_coef": args.distill_coef,
         "processes": training_args.world_size,
     }
-    if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+    trainer.save_metrics("all", results, combined=False)  # all_results.json, on the main process
     if training_args.push_to_hub:
         trainer.push_to_hub(finetuned_from=args.model_name_or_path, dataset="nyu-mll/glue", tags=["hf_condroute", "moebert"])
     return trainer, results

@@ -3,7 +3,6 @@ router, tag supervision, subnet init, the outputs, and the `--quick` study end t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -32,7 +31,8 @@ from hf_condroute.dae_syn.study import (
 )
 from hf_condroute.step import RoutingStep
 
-ROOT = Path(__file__).resolve().parent.parent
+from .recipe_loader import load_recipe
+
 TINY = DAEConfig(widths=(4, 8, 8, 8), feature_dim=16, embed_dim=8)
 ALL_ROUTERS = HEURISTIC_ROUTERS + LEARNED_ROUTERS
 
@@ -248,9 +248,7 @@ def test_outputs(tmp_path):
 
 def test_quick_study_end_to_end(tmp_path):
     """The CI smoke test: `recipes/dae_syn.py --quick` runs every row and writes the outputs."""
-    spec = importlib.util.spec_from_file_location("dae_syn_recipe", ROOT / "recipes" / "dae_syn.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("dae_syn")
     summary = recipe.main(["--quick", "--output-dir", str(tmp_path), "--no-progress"])
     saved = json.loads((tmp_path / "dae_syn_quick.json").read_text())
     assert saved == summary and list(saved) == [r.name for r in default_rows()]

@@ -22,11 +22,11 @@ from hf_condroute.distributed import check_process_count
 from hf_condroute.glue import GLUE_TASK_NAMES, glue_average
 from hf_condroute.warm_start import load_experts_from
 
-from .glue_ddp_probe import load_recipe
+from .recipe_loader import load_recipe
 from .glue_fixtures import save_tiny_glue, save_tiny_t5
 
 
-recipe = load_recipe()
+recipe = load_recipe("glue")
 PROBE = Path(__file__).resolve().parent / "glue_ddp_probe.py"
 EVAL_ROWS = 5  # not a multiple of the 2 x 4 evaluation batch: the last batch is padded across processes
 SOME_TASKS = ["cola", "stsb", "mnli", "rte"]  # each metric kind, for the runs that need not cover all eight

@@ -34,7 +34,6 @@ from .conftest import bert_batch, make_bert, make_t5, t5_batch
 
 FFN = 16  # intermediate size of the tiny models
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:

@@ -3,33 +3,19 @@ two under `accelerate launch` (DDP on CPU), and the errors it gives before any w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from .glue_fixtures import fixture_texts, save_tiny_glue
+from .recipe_loader import RECIPES, load_recipe
 from hf_condroute.glue import get_task, task_metrics
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "moebert.py"
 EVAL_ROWS = 6
-
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def load_recipe():
-    if "moebert_recipe" in sys.modules:
-        return sys.modules["moebert_recipe"]
-    spec = importlib.util.spec_from_file_location("moebert_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["moebert_recipe"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def save_tiny_bert(model_dir: str, num_labels: int) -> str:
@@ -80,7 +66,7 @@ def read_results(output_dir) -> dict:
 
 def test_one_process_moesart_distils_and_reports(assets, tmp_path):
     data_dir, bert2, _ = assets
-    recipe = load_recipe()
+    recipe = load_recipe("moebert")
     importance = tmp_path / "importance.safetensors"
     results = recipe.main(flags(data_dir, bert2, tmp_path, "rte", "moesart", 12, "--importance_file", str(importance)))
     assert importance.exists() and read_results(tmp_path) == json.loads(json.dumps(results))
@@ -113,7 +99,7 @@ def test_one_process_moesart_distils_and_reports(assets, tmp_path):
 
 def test_regression_task_and_reused_importance(assets, tmp_path):
     data_dir, _, bert1 = assets
-    recipe = load_recipe()
+    recipe = load_recipe("moebert")
     importance = tmp_path / "importance.safetensors"
     recipe.main(flags(data_dir, bert1, tmp_path / "a", "stsb", "top_k", 2, "--importance_file", str(importance)))
     written = importance.stat().st_mtime_ns
@@ -137,7 +123,7 @@ def test_regression_task_and_reused_importance(assets, tmp_path):
 )
 def test_bad_flags_fail_before_training(assets, tmp_path, extra, message):
     data_dir, bert2, _ = assets
-    recipe = load_recipe()
+    recipe = load_recipe("moebert")
     with pytest.raises(ValueError, match=message):
         recipe.main(flags(data_dir, bert2, tmp_path, "rte", "top_k", 2) + extra)
     assert not (tmp_path / "all_results.json").exists()
@@ -147,7 +133,7 @@ def test_two_processes_under_accelerate_launch(assets, tmp_path):
     data_dir, bert2, _ = assets
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(RECIPE), *flags(data_dir, bert2, tmp_path, "rte", "top_k", 3), "--use_cpu"]  # fmt: skip
+           str(RECIPES / "moebert.py"), *flags(data_dir, bert2, tmp_path, "rte", "top_k", 3), "--use_cpu"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

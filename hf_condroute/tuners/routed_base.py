@@ -1,12 +1,18 @@
 """What every routed PEFT tuner shares: the model's routing hooks, the routers' input size, the refusal to merge,
 `unload()` taking the hooks off, checkpoint keys without the adapter name, and a clear error when saved weights
-do not fit the config."""
+do not fit the config; and, for their layers, one `RoutedBlock` per adapter."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+from ..block import RoutedBlock
+from ..experts import ExpertBank
+from ..routers import Router
 
 from .model_state import ModelRoutingState, warn_if_causal_example_routing
 from .shapes import check_adapter_shapes
@@ -52,3 +58,39 @@ class RoutedTunerModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_adapter_shapes(model, remapped, config)
         return remapped
+
+
+class RoutedTunerLayer(BaseTunerLayer):
+    """Base of the routed tuner layers: one `RoutedBlock` per adapter, in the `nn.ModuleDict` named by
+    `adapter_layer_names[0]`, fed by the model's routing state. Subclasses set `adapter_layer_names` and
+    `merge_refused`."""
+
+    other_param_names = ()
+    merge_refused: str = "Routed layers cannot be merged into the base weights."
+
+    def __init__(self, base_layer: nn.Module, block_name: str, side: str, routing_state, **kwargs) -> None:
+        self.base_layer = base_layer
+        setattr(self, self.adapter_layer_names[0], nn.ModuleDict())
+        self.block_name = block_name
+        self.side = side  # "self", "encoder" or "decoder": where its routing information comes from
+        self.routing_state = routing_state
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    @property
+    def blocks(self) -> nn.ModuleDict:
+        """adapter name -> its RoutedBlock in this layer."""
+        return getattr(self, self.adapter_layer_names[0])
+
+    def _add_block(self, adapter_name: str, router: Router, bank: ExpertBank, granularity: str) -> None:
+        block = RoutedBlock(router, bank, granularity, name=self.block_name)
+        block.record_key = (adapter_name, self.block_name)
+        self.blocks[adapter_name] = block
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(self.merge_refused)
+
+    def unmerge(self) -> None:
+        raise ValueError(self.merge_refused)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTunerLayer
-
-from ...block import RoutedBlock
 from ...experts import AdapterBank
 from ...routers import build_router
+from ..routed_base import RoutedTunerLayer
 from .config import RoutedAdapterConfig
 
 MERGE_REFUSED = (
@@ -21,18 +19,12 @@ MERGE_REFUSED = (
 )
 
 
-class RoutedAdapterLayer(BaseTunerLayer):
+class RoutedAdapterLayer(RoutedTunerLayer):
     adapter_layer_names = ("routed_adapter_block",)
-    other_param_names = ()
+    merge_refused = MERGE_REFUSED
 
     def __init__(self, base_layer: nn.Module, block_name: str, side: str, routing_state, **kwargs) -> None:
-        self.base_layer = base_layer
-        self.routed_adapter_block = nn.ModuleDict()
-        self.block_name = block_name
-        self.side = side  # "self", "encoder" or "decoder": where its routing information comes from
-        self.routing_state = routing_state
-        self._disable_adapters = False
-        self.merged_adapters = []
+        super().__init__(base_layer, block_name, side, routing_state)
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear):
             raise TypeError(
@@ -50,17 +42,7 @@ class RoutedAdapterLayer(BaseTunerLayer):
             activation=config.adapter_activation,
             init_weights=config.init_weights,
         )
-        block = RoutedBlock(router, bank, config.routing_granularity, name=self.block_name)
-        block.record_key = (adapter_name, self.block_name)
-        self.routed_adapter_block[adapter_name] = block
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters)
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise ValueError(MERGE_REFUSED)
-
-    def unmerge(self) -> None:
-        raise ValueError(MERGE_REFUSED)
+        self._add_block(adapter_name, router, bank, config.routing_granularity)
 
 
 class Linear(nn.Module, RoutedAdapterLayer):
@@ -75,9 +57,9 @@ class Linear(nn.Module, RoutedAdapterLayer):
         if self.disable_adapters:
             return result
         for name in self.active_adapters:
-            block = self.routed_adapter_block[name] if name in self.routed_adapter_block else None
-            if block is None:
+            if name not in self.blocks:
                 continue
+            block = self.blocks[name]
             inputs = self.routing_state.inputs_for(self.side, block.granularity)
             dtype = block.experts.down_weight.dtype
             result = result + block(result.to(dtype), inputs).to(result.dtype)

@@ -14,6 +14,7 @@ from ...block import RoutedBlock
 from ...moebert.bank import FFNSliceBank
 from ...moebert.layout import FFNParts
 from ...routers import build_router
+from ..routed_base import RoutedTunerLayer
 from .config import RoutedFFNConfig
 
 MERGE_REFUSED = (
@@ -23,47 +24,27 @@ MERGE_REFUSED = (
 )
 
 
-class RoutedFFNLayer(BaseTunerLayer):
+class RoutedFFNLayer(RoutedTunerLayer):
     adapter_layer_names = ("routed_ffn_block",)
-    other_param_names = ()
-
-    def __init__(self, base_layer: nn.Module, block_name: str, side: str, routing_state, **kwargs) -> None:
-        self.base_layer = base_layer
-        self.routed_ffn_block = nn.ModuleDict()
-        self.block_name = block_name
-        self.side = side  # "self", "encoder" or "decoder": where its routing information comes from
-        self.routing_state = routing_state
-        self._disable_adapters = False
-        self.merged_adapters = []
+    merge_refused = MERGE_REFUSED
 
     def update_layer(
         self, adapter_name: str, config: RoutedFFNConfig, parts: FFNParts, neuron_index: torch.Tensor, router_in: int
     ) -> None:
         router = build_router(config, router_in, self.block_name)
-        bank = FFNSliceBank.from_ffn(parts, neuron_index)
-        block = RoutedBlock(router, bank, config.routing_granularity, name=self.block_name)
-        block.record_key = (adapter_name, self.block_name)
-        self.routed_ffn_block[adapter_name] = block
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters)
+        self._add_block(adapter_name, router, FFNSliceBank.from_ffn(parts, neuron_index), config.routing_granularity)
 
     def active_block(self) -> Optional[RoutedBlock]:
         """The block of the active adapter, or None when adapters are disabled or none of this layer's is active."""
         if self.disable_adapters:
             return None
-        active = [name for name in self.active_adapters if name in self.routed_ffn_block]
+        active = [name for name in self.active_adapters if name in self.blocks]
         if len(active) > 1:
             raise ValueError(
                 f"Adapters {active} are all active on {self.block_name}, but a routed FFN replaces the FFN: only one "
                 "can be active at a time. Call `set_adapter(name)` with one of them."
             )
-        return self.routed_ffn_block[active[0]] if active else None
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise ValueError(MERGE_REFUSED)
-
-    def unmerge(self) -> None:
-        raise ValueError(MERGE_REFUSED)
+        return self.blocks[active[0]] if active else None
 
 
 class RoutedFFN(nn.Module, RoutedFFNLayer):
