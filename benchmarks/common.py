@@ -54,30 +54,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (0 where `resource` is missing, e.g. on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_interleaved(
     steps: dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[int]]]:
     """Seconds per call of each step, `reps` rounds, every variant once per round in rotated order.
 
-    Returns (wall-clock, process CPU time). On a CPU shared with other jobs the CPU time leaves out the
-    time the process waited for a core, so it is the steadier of the two (it still counts work slowed by
-    a neighbour, and threads that spin while waiting); on CUDA only the wall clock means anything."""
+    Returns (wall-clock, process CPU time, minor page faults). On a CPU shared with other jobs the CPU time
+    leaves out the time the process waited for a core, so it is the steadier of the two (it still counts
+    work slowed by a neighbour, and threads that spin while waiting); on CUDA only the wall clock means
+    anything. Page faults count the fresh memory pages a step touched: on CPU each costs the kernel about a
+    microsecond (more in a VM), which is how a step's temporaries cost time beyond their arithmetic."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
             steps[name]()
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
     for rep in range(reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
             synchronize(device)
+            start_faults = minor_page_faults()
             start, start_cpu = time.perf_counter(), time.process_time()
             steps[name]()
             synchronize(device)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
-    return wall, cpu
+            faults[name].append(minor_page_faults() - start_faults)
+    return wall, cpu, faults
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

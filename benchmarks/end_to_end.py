@@ -190,8 +190,10 @@ def main(argv=None) -> dict:
         models[name] = (model, optimizer)
         steps[name] = step
         info[name]["trainable_params"] = sum(p.numel() for p in trainable)
-    wall, cpu = time_interleaved(steps, args.reps, args.warmup, device)
+    wall, cpu, faults = time_interleaved(steps, args.reps, args.warmup, device)
     stats, cpu_stats = summarize(wall, BASELINE), summarize(cpu, BASELINE)
+    for name in names:
+        stats[name]["page_faults_per_step"] = statistics.median(faults[name])
     # the same ratio without the optimizer step (forward + backward only), and the step's own median
     for name in names:
         timed = info[name].pop("optimizer_seconds")[-args.reps:]
@@ -235,7 +237,7 @@ def main(argv=None) -> dict:
     }
     headers = [
         "variant", "median ms", "IQR ms", "ratio", "ratio IQR", "CPU-time ratio", "fwd+bwd ratio", "optimizer ms",
-        "trainable params",
+        "page faults", "trainable params",
     ]
     if not args.no_memory:
         headers += ["peak MiB", "peak above state MiB (ratio)", "peak / allowance"]
@@ -251,6 +253,7 @@ def main(argv=None) -> dict:
             f"{c['ratio']:.3f}",
             f"{info[name]['forward_backward_ratio']:.3f}",
             f"{info[name]['optimizer_ms']:.0f}",
+            f"{s['page_faults_per_step']:.0f}",
             f"{info[name]['trainable_params']:,}",
         ]
         if not args.no_memory:

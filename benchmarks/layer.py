@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -150,8 +151,10 @@ def main(argv=None) -> dict:
         module.to(device=device, dtype=dtype).train()
         steps[name] = make_step(module, x0, grad)
         params[name] = sum(p.numel() for p in module.parameters())
-    wall, cpu = time_interleaved(steps, args.reps, args.warmup, device)
+    wall, cpu, faults = time_interleaved(steps, args.reps, args.warmup, device)
     stats, cpu_stats = summarize(wall, BASELINE), summarize(cpu, BASELINE)
+    for name in specs:
+        stats[name]["page_faults_per_step"] = statistics.median(faults[name])
     if not args.no_memory:
         for name, (module, _) in specs.items():
             live = tensor_bytes([x0, grad, *module.parameters(), *module.buffers()])
@@ -166,7 +169,9 @@ def main(argv=None) -> dict:
             for name in specs
         },
     }
-    headers = ["variant", "median ms", "IQR ms", "ratio", "ratio IQR", "CPU-time ratio", "CPU ratio IQR", "params"]
+    headers = [
+        "variant", "median ms", "IQR ms", "ratio", "ratio IQR", "CPU-time ratio", "CPU ratio IQR", "page faults", "params",
+    ]
     if not args.no_memory:
         headers.append("peak MiB")
     rows = []
@@ -180,6 +185,7 @@ def main(argv=None) -> dict:
             f"{s['ratio_q1']:.2f}-{s['ratio_q3']:.2f}",
             f"{cpu_stats[name]['ratio']:.2f}",
             f"{cpu_stats[name]['ratio_q1']:.2f}-{cpu_stats[name]['ratio_q3']:.2f}",
+            f"{s['page_faults_per_step']:.0f}",
             f"{params[name]:,}",
         ]
         if not args.no_memory:

@@ -1,4 +1,4 @@
-"""Import a script of `recipes/` as a module, the way the tests and the DDP probe call into it."""
+"""Import a script of `recipes/` (or `benchmarks/`) as a module, the way the tests and the DDP probe call into it."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import importlib.util
 import sys
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
 
 
-def load_recipe(name: str):
-    """recipes/<name>.py as the module `<name>_recipe`, loaded once per process."""
-    module_name = f"{name}_recipe"
+def load_recipe(name: str, folder: str = "recipes"):
+    """<folder>/<name>.py as the module `<name>_recipe`, loaded once per process."""
+    module_name = f"{name}_recipe" if folder == "recipes" else f"{name}_{folder}"
     if module_name in sys.modules:
         return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, RECIPES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end on tiny shapes and report what their README tables show."""
+
+from __future__ import annotations
+
+import json
+
+from .recipe_loader import load_recipe
+
+
+def test_layer_benchmark_reports_every_variant(tmp_path, capsys):
+    layer = load_recipe("layer", "benchmarks")
+    out = tmp_path / "layer.json"
+    argv = ["--batch", "4", "--seq", "8", "--d-model", "32", "--adapter-dim", "8", "--reps", "2", "--warmup", "1"]
+    payload = layer.main(argv + ["--json", str(out)])
+    results = payload["results"]
+    assert set(results) == set(layer.variants(32, 8, 4))
+    base = results[layer.BASELINE]
+    assert base["ratio"] == 1.0 and base["reps"] == 2
+    for name, r in results.items():
+        assert r["median_ms"] > 0 and r["peak_mb"] > 0 and r["page_faults_per_step"] >= 0, name
+    assert json.loads(out.read_text())["results"].keys() == results.keys()
+    table = capsys.readouterr().out.split("\n\n")[-1].strip()
+    assert table.startswith("| variant | median ms |") and "| page faults |" in table
+    assert table.count("\n") == len(results) + 1  # header, rule, one row per variant
+
+
+def test_end_to_end_benchmark_runs_a_routed_variant_against_the_baseline(capsys):
+    e2e = load_recipe("end_to_end", "benchmarks")
+    argv = ["--batch", "2", "--source-len", "8", "--target-len", "4", "--num-experts", "2", "--adapter-dim", "8"]
+    payload = e2e.main(argv + ["--reps", "1", "--warmup", "0", "--only", "routed top_k N=2 k=1"])
+    results = payload["results"]
+    assert list(results) == [e2e.BASELINE, "routed top_k N=2 k=1"]
+    routed = results["routed top_k N=2 k=1"]
+    # 24 blocks of 2 experts: router (BatchNorm + Linear) and bank (down, up, two biases) per block
+    assert routed["trainable_params"] > results[e2e.BASELINE]["trainable_params"]
+    assert routed["peak_mb"] > 0 and 0 < routed["peak_vs_allowance"] < 2
+    assert "| routed top_k N=2 k=1 |" in capsys.readouterr().out
