@@ -122,6 +122,12 @@ def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict]:
     return out
 
 
+def add_page_faults(stats: dict[str, dict], faults: dict[str, list[int]]) -> None:
+    """Record each variant's median page faults per step in its `summarize` entry."""
+    for name, counts in faults.items():
+        stats[name]["page_faults_per_step"] = statistics.median(counts)
+
+
 def peak_memory_bytes(step: Callable[[], None], device: torch.device, live_at_start: int) -> int:
     """Peak bytes held by torch during one call of `step` (see the module docstring)."""
     if device.type == "cuda":

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     add_common_args,
+    add_page_faults,
     environment,
     markdown_table,
     optimizer_state_tensors,
@@ -192,8 +193,7 @@ def main(argv=None) -> dict:
         info[name]["trainable_params"] = sum(p.numel() for p in trainable)
     wall, cpu, faults = time_interleaved(steps, args.reps, args.warmup, device)
     stats, cpu_stats = summarize(wall, BASELINE), summarize(cpu, BASELINE)
-    for name in names:
-        stats[name]["page_faults_per_step"] = statistics.median(faults[name])
+    add_page_faults(stats, faults)
     # the same ratio without the optimizer step (forward + backward only), and the step's own median
     for name in names:
         timed = info[name].pop("optimizer_seconds")[-args.reps:]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     add_common_args,
+    add_page_faults,
     environment,
     markdown_table,
     peak_memory_bytes,
@@ -153,8 +153,7 @@ def main(argv=None) -> dict:
         params[name] = sum(p.numel() for p in module.parameters())
     wall, cpu, faults = time_interleaved(steps, args.reps, args.warmup, device)
     stats, cpu_stats = summarize(wall, BASELINE), summarize(cpu, BASELINE)
-    for name in specs:
-        stats[name]["page_faults_per_step"] = statistics.median(faults[name])
+    add_page_faults(stats, faults)
     if not args.no_memory:
         for name, (module, _) in specs.items():
             live = tensor_bytes([x0, grad, *module.parameters(), *module.buffers()])

@@ -35,3 +35,16 @@ def test_end_to_end_benchmark_runs_a_routed_variant_against_the_baseline(capsys)
     assert routed["trainable_params"] > results[e2e.BASELINE]["trainable_params"]
     assert routed["peak_mb"] > 0 and 0 < routed["peak_vs_allowance"] < 2
     assert "| routed top_k N=2 k=1 |" in capsys.readouterr().out
+
+
+def test_moebert_speed_benchmark_times_routed_ffns_against_the_dense_model():
+    speed = load_recipe("moebert_speed", "benchmarks")
+    payload = speed.main(["--tiny", "--batch", "2", "--seq", "8", "--reps", "2", "--warmup", "0"])
+    results = payload["results"]
+    assert list(results) == [
+        speed.BASELINE,
+        "top_k N=4 k=1 (25% of the FFN)",
+        "top_k N=4 k=2 (50% of the FFN)",
+        "moesart N=4 k=2 (50% of the FFN)",
+    ]
+    assert payload["shape"]["d_ff"] == 256 and all(r["median_ms"] > 0 for r in results.values())
