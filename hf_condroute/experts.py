@@ -284,6 +284,8 @@ def grouped_linear(
 
     One `torch.nn.functional.grouped_mm` where this device and dtype support it (on CPU it runs each group
     as one large GEMM; on CUDA it needs bf16 and a recent GPU), else one matmul per non-empty group."""
+    if bias is None:
+        row_scale = None  # it scales only the bias
     if a.shape[0] > 0 and _grouped_mm_fits(a, b):
         return _GroupedLinear.apply(a.contiguous(), b, offsets, counts, bias, row_scale)
     return _looped_linear(a, b, counts, bias, row_scale)

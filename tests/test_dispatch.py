@@ -95,6 +95,29 @@ def test_expert_mlp_matches_reference(strategy, dtype, length, k):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("length", [1, 5])
+def test_experts_without_biases(strategy, length):
+    # T5's and Llama's FFNs have no biases: every strategy must run without them, forward and backward
+    # (float32, so that the grouped strategy takes grouped_mm where this torch has it)
+    bank = make_bank(torch.float32)
+    with torch.no_grad():
+        bank.down_bias.zero_()
+        bank.up_bias.zero_()
+    mlp = ExpertMLPWeights(bank.down_weight, None, bank.up_weight, None)
+    experts, weights = decision(7, 2, seed=3)
+    weights = weights.float().requires_grad_()
+    x = torch.randn(7, length, D, requires_grad=True)
+    grad_out = torch.randn(7, length, D)
+    inputs = [x, weights, bank.down_weight, bank.up_weight]
+    out = expert_mlp(x, experts, weights, mlp, bank.act, strategy)
+    ref = reference(bank, x, experts, weights)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    for g, rg in zip(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out)):
+        torch.testing.assert_close(g, rg, **tol)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_repeated_expert_in_a_row_adds_up(strategy):
     # MOESART with replacement may draw an expert twice; the outputs of both slots add up
     bank = make_bank()
