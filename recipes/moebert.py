@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch.distributed as dist
@@ -96,8 +96,10 @@ class MoEBERTTrainingArguments(TrainingArguments):
     )
 
 
-def routing_config(args: MoEBERTArguments) -> RoutingConfig:
-    return RoutingConfig(
+def routing_fields(args: MoEBERTArguments) -> dict:
+    """The routing settings the flags choose; every other field keeps its config's default (RoutedFFNConfig's
+    MoEBERT defaults, e.g. norm_topk_prob=True, where the routed FFN is built)."""
+    return dict(
         router=args.router,
         num_experts=args.num_experts,
         top_k=args.top_k,
@@ -110,7 +112,7 @@ def routing_config(args: MoEBERTArguments) -> RoutingConfig:
 def check_arguments(args: MoEBERTArguments) -> None:
     """Every mistake in the flags, found before any data or model is loaded."""
     get_task(args.task)
-    routing_config(args).validate_routing()
+    RoutingConfig(**routing_fields(args)).validate_routing()
     if args.expert_dim is not None and args.shared_neurons > args.expert_dim:
         raise ValueError(
             f"--shared_neurons {args.shared_neurons} is larger than --expert_dim {args.expert_dim}: the shared neurons "
@@ -133,9 +135,8 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple[MoEBERTArguments,
 
 
 def ffn_config(args: MoEBERTArguments, importance) -> RoutedFFNConfig:
-    routing = {f.name: getattr(routing_config(args), f.name) for f in fields(RoutingConfig)}
     return RoutedFFNConfig(
-        **routing,
+        **routing_fields(args),
         task_type="SEQ_CLS",
         expert_dim=args.expert_dim,
         shared_neurons=args.shared_neurons,

@@ -140,3 +140,11 @@ def test_two_processes_under_accelerate_launch(assets, tmp_path):
     results = read_results(tmp_path)
     assert results["routing_setup"]["processes"] == 2
     assert results["routing"]["examples"] == EVAL_ROWS and "eval_rte_accuracy" in results
+
+
+def test_flags_keep_the_routed_ffn_defaults():
+    # the recipe passes only what its flags choose: RoutedFFNConfig's MoEBERT defaults (norm_topk_prob) stay
+    recipe = load_recipe("moebert")
+    args = recipe.MoEBERTArguments(model_name_or_path="unused", task="rte", router="top_k", top_k=2)
+    config = recipe.ffn_config(args, None)
+    assert config.norm_topk_prob and config.router == "top_k" and config.top_k == 2
