@@ -131,13 +131,19 @@ class RoutedBlock(nn.Module):
                 if mask is None
                 else mask[:, -length:].bool()
             )
-            row_example = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, length)[row_mask]
-            # every token a row (no padding): a view, not a gather and a scatter of the whole sequence
-            every_token = mask is None or row_example.shape[0] == batch * length
-            rows = seq.reshape(batch * length, 1, -1) if every_token else seq[row_mask].unsqueeze(1)  # (M, 1, D)
-            row_tags = tags[row_example] if tags is not None else None
             token_ids = match_rows(inputs.token_ids, batch, "input_ids", name, dev)
-            keys = token_ids[:, -length:][row_mask] if token_ids is not None else None
+            token_ids = token_ids[:, -length:] if token_ids is not None else None
+            # every token a row (no padding): views in token order, not a gather and a scatter of the whole sequence
+            every_token = mask is None or bool(row_mask.all())
+            if every_token:
+                row_example = torch.arange(batch, device=x.device).repeat_interleave(length)
+                rows = seq.reshape(batch * length, 1, -1)  # (M, 1, D)
+                keys = token_ids.reshape(-1) if token_ids is not None else None
+            else:
+                row_example = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, length)[row_mask]
+                rows = seq[row_mask].unsqueeze(1)
+                keys = token_ids[row_mask] if token_ids is not None else None
+            row_tags = tags[row_example] if tags is not None else None
             decision = self.router(rows.squeeze(1), tags=row_tags, keys=keys, step=inputs.step.id if inputs.step else None)
         if tags is None and self.training and self.router.learned and self.router.config.tag_supervision_coef > 0:
             raise ValueError(

@@ -80,18 +80,31 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class Grouping:
     """Assignments (row, slot) with an expert, in expert order.
 
-    rows: (A,) source row of each assignment; weights: (A,) its combine weight; experts: (A,) its expert.
-    counts: assignments per expert (host list); offsets: (N,) int32 cumulative counts on the device.
-    inverse: when every row has exactly one assignment, `rows` is a permutation and this is its inverse
-    (the combine is then a permutation too); else None.
+    rows: (A,) source row of each assignment; weights: (A,) its combine weight; counts: assignments per
+    expert (host list). inverse: when every row has exactly one assignment, `rows` is a permutation and this
+    is its inverse (the combine is then a permutation too); else None.
     """
 
     rows: torch.Tensor
     weights: torch.Tensor
-    experts: torch.Tensor
     counts: list[int]
-    offsets: torch.Tensor
     inverse: Optional[torch.Tensor]
+
+    @property
+    def experts(self) -> torch.Tensor:
+        """(A,) the expert of each assignment: in expert order, expert e repeated counts[e] times."""
+        counts = torch.tensor(self.counts, device=self.rows.device)
+        return torch.arange(len(self.counts), device=self.rows.device).repeat_interleave(counts)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """(N,) int32 cumulative counts on the device: where each expert's group ends."""
+        return group_offsets(self.counts, self.rows.device)
+
+
+def group_offsets(counts: list[int], device: torch.device) -> torch.Tensor:
+    """Where each group ends, as grouped_mm's `offs` wants it: int32 cumulative counts."""
+    return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
 
 
 def count_assignments(experts: torch.Tensor, num_experts: int) -> tuple[int, list[int]]:
@@ -119,15 +132,7 @@ def group_by_expert(
     if k == 1 and empty == 0:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(rows_total, device=order.device)
-    offsets = torch.tensor(counts, device=experts.device).cumsum(0).to(torch.int32)
-    return Grouping(
-        rows=rows,
-        weights=weights.reshape(-1).index_select(0, order),
-        experts=flat.index_select(0, order),
-        counts=counts,
-        offsets=offsets,
-        inverse=inverse,
-    )
+    return Grouping(rows=rows, weights=weights.reshape(-1).index_select(0, order), counts=counts, inverse=inverse)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -187,7 +192,7 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
 
     a, b, bias, scale = rand(24, 32), rand(3, 32, 16), rand(3, 16), rand(24)
     counts = [8, 0, 16]  # an empty group too
-    offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+    offs = group_offsets(counts, device)
     with torch.enable_grad():
         out = _GroupedLinear.apply(a, b, offs, counts, bias, scale)
         grads = torch.autograd.grad(out.float().sum(), (a, b, bias, scale))
@@ -386,13 +391,14 @@ def expert_mlp(
     return out.reshape(*x.shape[:-1], out_features)
 
 
+def _dense_weights(experts: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(R, N): each row's combine weight for every expert (repeats add up; empty slots already weigh 0)."""
+    return weights.new_zeros(experts.shape[0], num_experts).scatter_add(1, experts.clamp(min=0), weights)
+
+
 def _weighted_output_bias(b2: Optional[torch.Tensor], experts: torch.Tensor, weights: torch.Tensor):
     """sum_j w_j b2[e_j] per row: (R, O), or None without a bias."""
-    if b2 is None:
-        return None
-    rows, width = experts.shape
-    per_slot = b2.index_select(0, experts.reshape(-1).clamp(min=0)).view(rows, width, -1)
-    return torch.bmm(weights.unsqueeze(1), per_slot).squeeze(1)
+    return None if b2 is None else _dense_weights(experts, weights, b2.shape[0]) @ b2
 
 
 def _single_expert_mlp(seq, expert: int, weights, mlp: ExpertMLPWeights, act):
@@ -411,7 +417,7 @@ def _dense_mlp(seq, experts, weights, mlp: ExpertMLPWeights, act):
     """All N experts as one MLP of hidden size N*H; rows weight the hidden units of each expert."""
     rows, length, d = seq.shape
     n, _, h = mlp.w1.shape
-    dense_w = weights.new_zeros(rows, n).scatter_add(1, experts.clamp(min=0), weights)  # repeats add up
+    dense_w = _dense_weights(experts, weights, n)
     w1_all = mlp.w1.permute(1, 0, 2).reshape(d, n * h)
     flat = seq.reshape(rows * length, d)
     if mlp.b1 is not None:
@@ -454,7 +460,7 @@ def _grouped_mlp(seq, experts, weights, mlp: ExpertMLPWeights, act, counted):
     g = group_by_expert(experts, weights, mlp.w1.shape[0], counted)
     n_assign = g.rows.shape[0]
     token_counts = [c * length for c in g.counts]
-    token_offsets = g.offsets * length
+    token_offsets = group_offsets(token_counts, seq.device)
     grouped = gather_rows(seq, g).reshape(n_assign * length, d)
     hidden = grouped_linear(grouped, mlp.w1, token_offsets, token_counts, mlp.b1)
     token_weights = g.weights.repeat_interleave(length) if length > 1 else g.weights
@@ -479,7 +485,9 @@ def dispatch(
     `expert_mlp`, which is faster."""
     counted = count_assignments(experts, num_experts)
     if counted[0] == experts.numel():
-        return x.new_zeros(*x.shape[:-1], out_features)
+        # zeros that still reach the experts' parameters (an expert run on no rows), as in expert_mlp
+        anchor = expert_forward(0, x[:0]).sum() * 0
+        return x.new_zeros(*x.shape[:-1], out_features) + anchor.to(x.dtype)
     g = group_by_expert(experts, weights, num_experts, counted)
     grouped = gather_rows(x, g)
     outputs = [expert_forward(e, chunk) for e, chunk in enumerate(grouped.split(g.counts)) if g.counts[e] > 0]
@@ -502,16 +510,20 @@ class ExpertBank(nn.Module):
 
 
 class MLPExpertBank(ExpertBank):
-    """A bank of two-matmul experts: subclasses set `act` and implement `mlp_weights()`; the dispatch is
-    `expert_mlp`'s."""
+    """A bank of two-matmul experts: subclasses set `act` (or override `hidden_activation`) and implement
+    `mlp_weights()`; the dispatch is `expert_mlp`'s."""
 
     act: Callable[[torch.Tensor], torch.Tensor]
 
     def mlp_weights(self) -> ExpertMLPWeights:
         raise NotImplementedError
 
+    def hidden_activation(self, h: torch.Tensor) -> torch.Tensor:
+        """What runs between the two matmuls (elementwise, so it commutes with the combine weights)."""
+        return self.act(h)
+
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return expert_mlp(x, experts, weights, self.mlp_weights(), self.act)
+        return expert_mlp(x, experts, weights, self.mlp_weights(), self.hidden_activation)
 
 
 class AdapterBank(MLPExpertBank):

@@ -18,11 +18,7 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, model=None) -> 
     if logits.dim() == 3:
         if _is_causal_lm(model, config):
             logits, labels = logits[:, :-1], labels[:, 1:]
-        token_loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100, reduction="none"
-        ).view(labels.shape)
-        counted = (labels != -100).sum(dim=1).clamp(min=1)
-        return token_loss.sum(dim=1) / counted
+        return mean_over_labelled(token_losses(logits, labels), labels)
     if logits.dim() == 2:
         if logits.shape[-1] == 1 and (labels.is_floating_point() or getattr(config, "problem_type", None) == "regression"):
             return (logits.squeeze(-1) - labels.float().view(-1)) ** 2
@@ -33,6 +29,22 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, model=None) -> 
         f"Cannot compute a per-example loss from logits of shape {tuple(logits.shape)} and labels of shape "
         f"{tuple(labels.shape)}. Call `hf_condroute.set_reward(model, per_example_loss)` before backward() instead."
     )
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of every token (B, L) in float32, 0 where the label is -100."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1),
+        labels.flatten().long(),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    ).view(labels.shape)
+
+
+def mean_over_labelled(token_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's mean token loss (B,) over its labelled tokens."""
+    return token_loss.sum(dim=1) / labels.ne(-100).sum(dim=1).clamp(min=1)
 
 
 def _is_causal_lm(model, config) -> bool:

@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .api import routing_loss, set_reward
+from .rewards import mean_over_labelled, token_losses
 from .tuners.model_state import ModelRoutingState
 
 
@@ -57,15 +57,8 @@ class RoutedTokenLoss:
                 f"RoutedTokenLoss expects token logits (batch, length, vocab) and labels (batch, length), got "
                 f"{tuple(logits.shape)} and {tuple(labels.shape)}."
             )
-        token_loss = F.cross_entropy(
-            logits.float().flatten(0, 1),
-            labels.flatten().long(),
-            ignore_index=-100,
-            label_smoothing=self.label_smoothing,
-            reduction="none",
-        ).view(labels.shape)
-        labelled = labels.ne(-100)
-        tokens = labelled.sum()
+        token_loss = token_losses(logits, labels, self.label_smoothing)
+        tokens = labels.ne(-100).sum()
         if num_items_in_batch is None:
             loss, share = token_loss.sum() / tokens.clamp(min=1), 1.0
         else:
@@ -73,6 +66,5 @@ class RoutedTokenLoss:
             share = tokens / num_items_in_batch
         if not (self.model.training and torch.is_grad_enabled()):
             return loss
-        per_example = token_loss.detach().sum(dim=1) / labelled.sum(dim=1).clamp(min=1)
-        set_reward(self.model, per_example)
+        set_reward(self.model, mean_over_labelled(token_loss.detach(), labels))
         return loss + routing_loss(self.model) * share

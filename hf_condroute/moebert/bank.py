@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..experts import ExpertMLPWeights, MLPExpertBank, dispatch, expert_mlp
+from ..experts import ExpertMLPWeights, MLPExpertBank, dispatch
 from .layout import FFNParts
 
 
@@ -95,13 +95,13 @@ class FFNSliceBank(MLPExpertBank):
         return ExpertMLPWeights(self.wi, self.bi, self.wo, self.bo)
 
     def hidden_activation(self, h: torch.Tensor) -> torch.Tensor:
-        """The FFN's activation, then its dropout (elementwise: it commutes with the combine weights)."""
+        """The FFN's activation, then its dropout."""
         h = self.act(h)
         return self.dropout(h) if self.dropout is not None else h
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if not self.gated:
-            return expert_mlp(x, experts, weights, self.mlp_weights(), self.hidden_activation)
+            return super().forward(x, experts, weights)
         # gated: act(x @ wi_gate) * (x @ wi) is no two-matmul expert; one call per chosen expert
         wi, wo, wg = self.wi.unbind(0), self.wo.unbind(0), self.wi_gate.unbind(0)  # one backward node each
         bi = self.bi.unbind(0) if self.bi is not None else None

@@ -18,11 +18,21 @@ from .model_state import ModelRoutingState, warn_if_causal_example_routing
 from .shapes import check_adapter_shapes
 
 
-class RoutedTunerModel(BaseTuner):
-    """Base of `RoutedAdapterModel` and `RoutedFFNModel`. Subclasses set `merge_refused` (why merging is impossible)
-    and implement `_create_and_replace`."""
+class RefusesMerge:
+    """Routed layers cannot be merged into base weights: `merge`/`unmerge` raise `merge_refused` (which says why)."""
 
     merge_refused: str = "Routed layers cannot be merged into the base weights."
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(self.merge_refused)
+
+    def unmerge(self) -> None:
+        raise ValueError(self.merge_refused)
+
+
+class RoutedTunerModel(BaseTuner):
+    """Base of `RoutedAdapterModel` and `RoutedFFNModel`: subclasses implement `_create_and_replace`; merging is
+    refused with their layer class's `merge_refused`."""
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self.routing_state = ModelRoutingState.of(model)
@@ -35,7 +45,7 @@ class RoutedTunerModel(BaseTuner):
         return features
 
     def _check_merge_allowed(self):
-        raise ValueError(self.merge_refused)
+        raise ValueError(self.tuner_layer_cls.merge_refused)
 
     def unload(self) -> nn.Module:
         model = super().unload()
@@ -60,13 +70,12 @@ class RoutedTunerModel(BaseTuner):
         return remapped
 
 
-class RoutedTunerLayer(BaseTunerLayer):
+class RoutedTunerLayer(RefusesMerge, BaseTunerLayer):
     """Base of the routed tuner layers: one `RoutedBlock` per adapter, in the `nn.ModuleDict` named by
     `adapter_layer_names[0]`, fed by the model's routing state. Subclasses set `adapter_layer_names` and
     `merge_refused`."""
 
     other_param_names = ()
-    merge_refused: str = "Routed layers cannot be merged into the base weights."
 
     def __init__(self, base_layer: nn.Module, block_name: str, side: str, routing_state, **kwargs) -> None:
         self.base_layer = base_layer
@@ -89,8 +98,3 @@ class RoutedTunerLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise ValueError(self.merge_refused)
-
-    def unmerge(self) -> None:
-        raise ValueError(self.merge_refused)

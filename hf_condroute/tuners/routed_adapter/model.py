@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from ..model_state import ModelRoutingState
 from ..routed_base import RoutedTunerModel
 from .config import ROUTED_ADAPTER_TARGET_MODULES
-from .layer import MERGE_REFUSED, Linear, RoutedAdapterLayer
+from .layer import Linear, RoutedAdapterLayer
 
 
 class RoutedAdapterModel(RoutedTunerModel):
@@ -18,7 +18,6 @@ class RoutedAdapterModel(RoutedTunerModel):
     prefix: str = "routed_adapter_"
     tuner_layer_cls = RoutedAdapterLayer
     target_module_mapping = ROUTED_ADAPTER_TARGET_MODULES
-    merge_refused = MERGE_REFUSED
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
         state = ModelRoutingState.of(self.model)

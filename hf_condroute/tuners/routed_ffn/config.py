@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from peft.config import PeftConfig
 
+from ...moebert.split import check_shared
 from ...routing_config import RoutingConfig
 from ..peft_types import ROUTED_FFN
 
@@ -97,11 +98,8 @@ class RoutedFFNConfig(RoutingConfig, PeftConfig):
             raise ValueError(f"expert_dim must be >= 1 (or None for the default), got {self.expert_dim}.")
         if self.shared_neurons < 0:
             raise ValueError(f"shared_neurons must be >= 0, got {self.shared_neurons}.")
-        if self.expert_dim is not None and self.shared_neurons > self.expert_dim:
-            raise ValueError(
-                f"shared_neurons={self.shared_neurons} is larger than expert_dim={self.expert_dim}: the shared neurons "
-                "are part of every expert. Lower shared_neurons or raise expert_dim."
-            )
+        if self.expert_dim is not None:
+            check_shared(self.expert_dim, self.shared_neurons)
         if isinstance(self.ffn_in_proj, str):
             self.ffn_in_proj = [self.ffn_in_proj]
         if self.ffn_in_proj is not None:

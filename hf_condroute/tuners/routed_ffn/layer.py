@@ -14,7 +14,7 @@ from ...block import RoutedBlock
 from ...moebert.bank import FFNSliceBank
 from ...moebert.layout import FFNParts
 from ...routers import build_router
-from ..routed_base import RoutedTunerLayer
+from ..routed_base import RefusesMerge, RoutedTunerLayer
 from .config import RoutedFFNConfig
 
 MERGE_REFUSED = (
@@ -67,12 +67,13 @@ class RoutedFFN(nn.Module, RoutedFFNLayer):
         return "routed_ffn." + super().__repr__()
 
 
-class FFNOutputPassthrough(nn.Module, BaseTunerLayer):
+class FFNOutputPassthrough(RefusesMerge, nn.Module, BaseTunerLayer):
     """In place of an FFN's output projection that lies outside the replaced module (BERT's `output.dense`): it
     passes the routed FFN's output on unchanged while that FFN routes, and is the dense projection otherwise."""
 
     adapter_layer_names = ()
     other_param_names = ()
+    merge_refused = MERGE_REFUSED
 
     def __init__(self, base_layer: nn.Module, entry: RoutedFFN):
         super().__init__()
@@ -90,12 +91,6 @@ class FFNOutputPassthrough(nn.Module, BaseTunerLayer):
         if self.entry.active_block() is not None:
             return x
         return self.base_layer(x, *args, **kwargs)
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise ValueError(MERGE_REFUSED)
-
-    def unmerge(self) -> None:
-        raise ValueError(MERGE_REFUSED)
 
     def __repr__(self) -> str:
         return "routed_ffn_passthrough." + super().__repr__()

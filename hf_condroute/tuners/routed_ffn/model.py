@@ -8,7 +8,7 @@ from ...moebert.convert import FFNConversion, plan_conversion
 from ...moebert.layout import ROUTED_FFN_TARGET_MODULES
 from ..model_state import ModelRoutingState
 from ..routed_base import RoutedTunerModel
-from .layer import MERGE_REFUSED, FFNOutputPassthrough, RoutedFFN, RoutedFFNLayer
+from .layer import FFNOutputPassthrough, RoutedFFN, RoutedFFNLayer
 
 
 class RoutedFFNModel(RoutedTunerModel):
@@ -17,7 +17,6 @@ class RoutedFFNModel(RoutedTunerModel):
     prefix: str = "routed_ffn_"
     tuner_layer_cls = RoutedFFNLayer
     target_module_mapping = ROUTED_FFN_TARGET_MODULES
-    merge_refused = MERGE_REFUSED
 
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
         # every FFN is found and split, and every error raised, before the first module is replaced
