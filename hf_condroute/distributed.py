@@ -73,16 +73,20 @@ def average_router_statistics(model: nn.Module) -> None:
     statistics (it broadcasts buffers before each forward); without this, processes would evaluate with
     different statistics, and the statistics would only ever see rank 0's examples.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    all_reduce_([b for name, b in model.named_buffers() if ROUTER_KEY in name and b.is_floating_point()], average=True)
+
+
+def all_reduce_(tensors: list[torch.Tensor], average: bool = False, device=None) -> None:
+    """Sum (or average) `tensors` in place over all processes, in one float32 all_reduce on `device` (default:
+    the tensors' own; NCCL needs a GPU one). Nothing happens with a single process."""
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    buffers = [b for name, b in model.named_buffers() if ROUTER_KEY in name and b.is_floating_point()]
-    if not buffers:
-        return
-    flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).to(device or tensors[0].device)
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
-        buffer.copy_(value.view_as(buffer))
+    if average:
+        flat /= dist.get_world_size()
+    for tensor, value in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(value.view_as(tensor))
 
 
 class SyncRouterStatisticsCallback(TrainerCallback):

@@ -28,7 +28,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch.distributed as dist
 import transformers
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
@@ -43,7 +42,7 @@ from transformers import (
 )
 
 from hf_condroute import RoutedFFNConfig, RoutingConfig, RoutingStatsCallback
-from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
+from hf_condroute.distributed import SyncRouterStatisticsCallback, all_reduce_, check_process_count
 from hf_condroute.glue import get_task, glue_average, load_glue, take, task_metrics
 from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores, plan_conversion
 from hf_condroute.stats import compute_routing_stats
@@ -175,11 +174,7 @@ def neuron_importance(args, training_args, model, train_dataset, collator) -> di
     if args.importance_batches is not None:
         max_batches = -(-args.importance_batches // training_args.world_size)
     scores = importance_scores(model.to(training_args.device), loader, max_batches=max_batches, progress=True)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for value in scores.values():
-            summed = value.to(training_args.device)
-            dist.all_reduce(summed)
-            value.copy_(summed.cpu())
+    all_reduce_(list(scores.values()), device=training_args.device)
     if args.importance_file is not None and training_args.process_index == 0:
         save_file({k: v.contiguous() for k, v in scores.items()}, args.importance_file)
     return scores
@@ -205,8 +200,6 @@ def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArg
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=task.num_labels)
     plan = plan_conversion(model, ffn_config(args, None))  # unknown architecture or bad sizes: fail before any work
-    if not plan:
-        raise ValueError(f"No feed-forward network found in {args.model_name_or_path}: nothing to convert.")
 
     with training_args.main_process_first(desc="tokenizing"):
         train_dataset = tokenize(task, take(raw[task.train_split], args.max_train_samples), tokenizer, args.max_seq_length)

@@ -12,7 +12,6 @@ checkpointing recomputes routed blocks during backward), so the student's forwar
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any, Mapping, Optional
 
 import torch
@@ -21,22 +20,12 @@ from torch import nn
 from transformers import Trainer
 
 from ..api import routing_loss
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+from . import modes
 
 
 def teacher_outputs(model: nn.Module, inputs: Mapping[str, Any], eval_mode: bool = True):
     """The dense teacher's outputs (with hidden states) on `inputs`: adapters disabled, no gradient, and by default
-    in eval mode (no dropout). Call it before the student's forward."""
+    in eval mode (no dropout; False where the caller already is). Call it before the student's forward."""
     if not hasattr(model, "disable_adapter"):
         raise TypeError(
             f"teacher_outputs needs the PEFT model (with `disable_adapter()`), got {type(model).__name__}. Pass the "
@@ -44,7 +33,7 @@ def teacher_outputs(model: nn.Module, inputs: Mapping[str, Any], eval_mode: bool
         )
     with torch.no_grad(), model.disable_adapter():
         if eval_mode:
-            with _eval_mode(model):
+            with modes.eval_mode(model):
                 return model(**inputs, output_hidden_states=True)
         return model(**inputs, output_hidden_states=True)
 

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distill import _eval_mode, _hidden_states, teacher_outputs
-from .importance import _to_device
+from accelerate.utils import send_to_device
+
+from .distill import _hidden_states, teacher_outputs
+from .modes import eval_mode
 
 
 def _layers(outputs, inputs) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -49,12 +51,12 @@ def hidden_state_gap(model: nn.Module, dataloader: Iterable, max_batches: Option
     device = next(model.parameters()).device
     diff_sq = ref_sq = counts = None
     cosine, examples, tokens, batches = 0.0, 0, 0, 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in dataloader:
             if max_batches is not None and batches >= max_batches:
                 break
-            inputs = _to_device(dict(batch), device)
-            dense = _layers(teacher_outputs(model, inputs), inputs)
+            inputs = send_to_device(dict(batch), device)
+            dense = _layers(teacher_outputs(model, inputs, eval_mode=False), inputs)
             routed = _layers(model(**inputs, output_hidden_states=True), inputs)
             if not routed:
                 raise ValueError("The model returned no hidden states: hidden_state_gap needs output_hidden_states.")

@@ -11,20 +11,12 @@ from __future__ import annotations
 from typing import Callable, Iterable, Mapping, Optional
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
 from .layout import FFNLayout, find_ffns
-
-
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
+from .modes import eval_mode
 
 
 def _task_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -71,41 +63,39 @@ def importance_scores(
         tracked.append(inputs + [parts.out_proj.weight])
     flat = [p for params in tracked for p in params]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
     device = flat[0].device
-    scores = {name: torch.zeros(parts.ffn_dim, dtype=torch.float32) for name, parts in ffns.items()}
+    # summed on the model's device (no host sync per batch), returned on the CPU
+    scores = {name: torch.zeros(parts.ffn_dim, dtype=torch.float32, device=device) for name, parts in ffns.items()}
     seen = 0
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         for p in flat:
             p.requires_grad_(True)
-        model.eval()
-        total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
-        for batch in tqdm(dataloader, total=total, disable=not progress, desc="importance"):
-            if max_batches is not None and seen >= max_batches:
-                break
-            batch = _to_device(batch, device)
-            with torch.enable_grad():
-                loss = loss_fn(model, batch) if loss_fn is not None else _task_loss(model, batch)
-                grads = torch.autograd.grad(loss, flat, allow_unused=True)
-            offset = 0
-            for (name, parts), params in zip(ffns.items(), tracked):
-                g = grads[offset : offset + len(params)]
-                offset += len(params)
-                scores[name] += _neuron_sums(parts.in_proj, parts.out_proj, params, g).abs().float().cpu()
-            seen += 1
+        with eval_mode(model):
+            total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+            for batch in tqdm(dataloader, total=total, disable=not progress, desc="importance"):
+                if max_batches is not None and seen >= max_batches:
+                    break
+                batch = send_to_device(batch, device)
+                with torch.enable_grad():
+                    loss = loss_fn(model, batch) if loss_fn is not None else _task_loss(model, batch)
+                    grads = torch.autograd.grad(loss, flat, allow_unused=True)
+                offset = 0
+                for (name, parts), params in zip(ffns.items(), tracked):
+                    g = grads[offset : offset + len(params)]
+                    offset += len(params)
+                    scores[name] += _neuron_sums(parts.out_proj, params, g).abs().float()
+                seen += 1
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
     if seen == 0:
         raise ValueError("The dataloader gave no batch: importance scores need data.")
-    return scores
+    return {name: score.cpu() for name, score in scores.items()}
 
 
-def _neuron_sums(in_proj, out_proj, params, grads) -> torch.Tensor:
+def _neuron_sums(out_proj, params, grads) -> torch.Tensor:
     """sum of w * dL/dw over each neuron's input row(s) (weights and biases) and output column."""
     total = None
     for p, g in zip(params, grads):
@@ -120,5 +110,5 @@ def _neuron_sums(in_proj, out_proj, params, grads) -> torch.Tensor:
             part = prod  # input bias (ffn_dim,)
         total = part if total is None else total + part
     if total is None:
-        return torch.zeros(out_proj.in_features)
+        return torch.zeros(out_proj.in_features, device=out_proj.weight.device)
     return total

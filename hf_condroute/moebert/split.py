@@ -16,14 +16,19 @@ def default_expert_dim(ffn_dim: int, num_experts: int, shared_neurons: int) -> i
     return shared_neurons + (ffn_dim - shared_neurons) // num_experts
 
 
-def check_split(ffn_dim: int, num_experts: int, expert_dim: int, shared_neurons: int, layer: str = "") -> None:
-    """Raise a ValueError naming the problem and the fix when the FFN cannot be split this way."""
-    where = f"the FFN of {layer}" if layer else "the FFN"
+def check_shared(expert_dim: int, shared_neurons: int) -> None:
+    """The shared neurons are part of every expert, so there cannot be more of them than an expert has."""
     if shared_neurons > expert_dim:
         raise ValueError(
             f"shared_neurons={shared_neurons} is larger than expert_dim={expert_dim}: the shared neurons are part of "
             "every expert. Lower shared_neurons or raise expert_dim."
         )
+
+
+def check_split(ffn_dim: int, num_experts: int, expert_dim: int, shared_neurons: int, layer: str = "") -> None:
+    """Raise a ValueError naming the problem and the fix when the FFN cannot be split this way."""
+    where = f"the FFN of {layer}" if layer else "the FFN"
+    check_shared(expert_dim, shared_neurons)
     if expert_dim > ffn_dim:
         raise ValueError(
             f"expert_dim={expert_dim} is larger than {where}, which has {ffn_dim} neurons: an expert is a slice of the "
