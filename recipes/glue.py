@@ -182,8 +182,7 @@ def supervise_fraction(dataset, fraction: float, seed: int):
     return dataset.remove_columns("routing_tags").add_column("routing_tags", tags.tolist())
 
 
-def build_datasets(args: GlueRecipeArguments, training_args, tokenizer, raw: dict, router_learned: bool):
-    tasks = get_tasks(args.tasks)
+def build_datasets(args: GlueRecipeArguments, training_args, tokenizer, tasks: list, raw: dict):
     train_parts, eval_sets = [], {}
     for task in tasks:
         data = raw[task.name]
@@ -194,7 +193,7 @@ def build_datasets(args: GlueRecipeArguments, training_args, tokenizer, raw: dic
             rows = take(data[split], args.max_eval_samples_per_task)
             eval_sets[name] = GlueEvalSet(task, tokenize_for_t5(task, rows, tokenizer, args.max_source_length), rows["label"])
     train = concatenate_datasets(train_parts)
-    if router_learned and args.tag_supervision_fraction > 0:
+    if args.tag_supervision_fraction > 0:  # learned routers only: check_routing_arguments rejects the others
         train = supervise_fraction(train, args.tag_supervision_fraction, training_args.seed)
     return train, eval_sets
 
@@ -229,9 +228,8 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
         logger.info("Copied %d expert and layer-norm tensors from %s; routers start fresh.", len(copied), args.init_experts_from)
     model.print_trainable_parameters()
 
-    router_learned = router_class(peft_config.router).learned
     with training_args.main_process_first(desc="casting GLUE as text-to-text"):
-        train_dataset, eval_sets = build_datasets(args, training_args, tokenizer, raw, router_learned)
+        train_dataset, eval_sets = build_datasets(args, training_args, tokenizer, tasks, raw)
 
     trainer = GlueSeq2SeqTrainer(
         model=model,

@@ -36,6 +36,10 @@ class DAESynData:
     images: torch.Tensor  # (4096, 3, S, S) float32 in [0, 1]
     tags: torch.Tensor  # (4096, 4) long: the factor values, columns in FACTORS order
 
+    def __post_init__(self):
+        # channels_last once, here, as the model's convolutions use it (a no-op for images already in it)
+        object.__setattr__(self, "images", self.images.contiguous(memory_format=torch.channels_last))
+
     def __len__(self) -> int:
         return self.images.shape[0]
 

@@ -7,7 +7,9 @@ import json
 import os
 from typing import Optional
 
-from .study import LEARNED_ROUTERS, SUPERVISION_PERCENTS, Row, TrainSettings
+from matplotlib.figure import Figure
+
+from .study import HEURISTIC_ROUTERS, LEARNED_ROUTERS, SUPERVISION_PERCENTS, Row, TrainSettings
 
 # paper A Table 1 (plain rows) and Table 2 (subnet init), DAE-Syn column: loss on 64x64 images after 100k steps
 PAPER_LOSS = {
@@ -75,14 +77,10 @@ def plot_supervision(summary: dict[str, dict], path: str) -> bool:
     routers = [r for r in LEARNED_ROUTERS if any(Row(r, supervision_percent=p).name in summary for p in SUPERVISION_PERCENTS)]
     if not routers:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     percents = (0, *SUPERVISION_PERCENTS)
     labels = [f"{p}%" for p in percents]
-    fig, (ax_loss, ax_fc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))  # no pyplot: no global figure manager, the backend left as it is
+    ax_loss, ax_fc = fig.subplots(1, 2)
     for i, router in enumerate(routers):
         names = [Row(router, supervision_percent=p).name for p in percents]
         xs = [x for x, n in enumerate(names) if n in summary]
@@ -94,7 +92,7 @@ def plot_supervision(summary: dict[str, dict], path: str) -> bool:
         )  # fmt: skip
         ax_fc.plot(xs, [r["focus"] for r in rows], marker="o", color=color, label=f"{router} focus")
         ax_fc.plot(xs, [r["cover"] for r in rows], marker="s", linestyle="--", color=color, label=f"{router} cover")
-    for j, name in enumerate(("tag", "hash", "monolithic")):
+    for j, name in enumerate(HEURISTIC_ROUTERS):
         if name in summary:
             ax_loss.axhline(summary[name]["loss"], color="0.4", linestyle=(0, (1 + 2 * j, 2)), linewidth=1, label=name)
     ax_loss.set_yscale("log")
@@ -111,7 +109,6 @@ def plot_supervision(summary: dict[str, dict], path: str) -> bool:
     fig.suptitle("DAE-Syn: effect of tag supervision (paper A Figure 2)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 

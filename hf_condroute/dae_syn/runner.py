@@ -1,8 +1,8 @@
 """Run rows x seeds, in worker processes, with one progress bar counting training steps.
 
-Small convolutions on a CPU use one core far better than two threads share it, so the default runs one
-single-threaded worker process per core. Each subnet-init row waits for its seed's tag row (its first phase)
-and is queued as soon as that finishes.
+Rows run in `workers` processes (`recipes/dae_syn.py` defaults to min(2, CPU count); one worker runs in this
+process), each with max(1, CPU count // workers) torch threads. Each subnet-init row waits for its seed's tag
+row (its first phase) and is queued as soon as that finishes.
 """
 
 from __future__ import annotations

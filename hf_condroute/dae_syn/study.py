@@ -16,6 +16,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from ..metrics import routing_focus_cover
+from ..routers import router_class
 from ..step import RoutingStep
 from .data import DAESynData, NUM_VALUES
 from .model import DAEConfig, DiscreteAutoencoder, routing_configs
@@ -24,7 +25,6 @@ HEURISTIC_ROUTERS = ("tag", "hash", "monolithic")
 # the routers whose decisions are learned, so tag supervision and subnet init apply to them
 LEARNED_ROUTERS = ("top_k", "st_gumbel", "reinforce", "moesart")
 SUPERVISION_PERCENTS = (1, 10, 100)
-TOP_K = {"moesart": 2}  # MOESART needs k >= 2 (paper B); every other router picks one vector per block
 PAPER_GUMBEL_STEPS = 100_000  # the paper code: anneal rate 1e-4 (the core default) over 100k steps
 
 
@@ -99,7 +99,8 @@ class TrainSettings:
 
 def routing_for(row: Row, settings: TrainSettings, seed: int) -> list:
     """The four blocks' RoutingConfigs of a row."""
-    overrides = dict(top_k=TOP_K.get(row.router, 1), hash_seed=seed)
+    # the fewest vectors each router may pick per block: 2 for MOESART (paper B), 1 for every other router
+    overrides = dict(top_k=router_class(row.router).min_top_k, hash_seed=seed)
     if row.router == "st_gumbel":
         # reach the temperature floor at the same fraction of training as the paper's 1e-4 over 100k steps
         overrides["gumbel_anneal_rate"] = 1e-4 * PAPER_GUMBEL_STEPS / settings.steps
@@ -129,22 +130,20 @@ def train(
     seed: int,
     tags: Optional[torch.Tensor],
     on_steps: Optional[Callable[[int], None]] = None,
-) -> list[float]:
+) -> None:
     """Adam with warm-up and linear decay, gradient clipping; batches drawn epoch by epoch without replacement.
-    `tags` are the routing tags the blocks see in training (-100 where unknown), or None. Returns the training
-    loss (reconstruction plus auxiliary losses) of every 100th step."""
-    images = data.images.contiguous(memory_format=torch.channels_last)
+    `tags` are the routing tags the blocks see in training (-100 where unknown), or None."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * settings.steps), settings.steps)
     order = torch.Generator().manual_seed(seed)
-    perm, pos, curve = torch.randperm(len(data), generator=order), 0, []
+    perm, pos = torch.randperm(len(data), generator=order), 0
     for step_index in range(settings.steps):
         if pos + settings.batch_size > len(perm):
             perm, pos = torch.randperm(len(data), generator=order), 0
         idx = perm[pos : pos + settings.batch_size]
         pos += settings.batch_size
-        x = images[idx]
+        x = data.images[idx]
         step = RoutingStep()
         losses = per_image_loss(model(x, tags=None if tags is None else tags[idx], keys=idx, step=step), x)
         step.set_reward(losses)
@@ -154,13 +153,10 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         scheduler.step()
-        if step_index % 100 == 0:
-            curve.append(float(loss.detach()))
         if on_steps is not None and (step_index + 1) % 50 == 0:
             on_steps(50)
     if on_steps is not None:
         on_steps(settings.steps % 50)
-    return curve
 
 
 @torch.no_grad()
@@ -168,12 +164,12 @@ def evaluate(model: DiscreteAutoencoder, data: DAESynData, batch_size: int = 512
     """Mean per-image squared error over all images in eval mode (routers deterministic), and Focus/Cover of the
     routing against the four factors' 32 tags."""
     model.eval()
-    images = data.images.contiguous(memory_format=torch.channels_last)
     losses, routing = [], []
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
         step = RoutingStep()
-        losses.append(per_image_loss(model(images[idx], tags=data.tags[idx], keys=idx, step=step), images[idx]))
+        images = data.images[idx]
+        losses.append(per_image_loss(model(images, tags=data.tags[idx], keys=idx, step=step), images))
         routing.append({name: record.user_decision() for name, record in step.records.items()})
     focus, cover, _ = routing_focus_cover(routing, data.tags, NUM_VALUES)
     return {"loss": float(torch.cat(losses).mean()), "focus": focus, "cover": cover}
@@ -206,9 +202,8 @@ def run_row(
         tags = supervised_tags(data.tags, row.supervision_percent, seed)
     else:
         tags = None
-    curve = train(model, data, settings, seed, tags, on_steps)
+    train(model, data, settings, seed, tags, on_steps)
     scores = evaluate(model, data, settings.eval_batch_size)
-    scores["final_train_loss"] = curve[-1]
     carried = model.subnetworks_and_decoder() if row.router == "tag" else None
     return scores, carried
 

@@ -17,7 +17,10 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from .tasks import GlueTask, get_task
+from .tasks import GLUE_TASKS, GlueTask, get_task
+
+# each evaluation set's task, from the tasks' `eval_splits` (MNLI's two sets: mnli_matched, mnli_mismatched)
+_TASK_OF_EVAL_SET = {eval_name: task for task in GLUE_TASKS for eval_name, _ in task.eval_splits}
 
 
 def _as_wrong_where_invalid(predictions: np.ndarray, references: np.ndarray, num_labels: int) -> np.ndarray:
@@ -87,7 +90,7 @@ def glue_average(results: dict[str, dict[str, float]]) -> float:
     """
     by_task: dict[str, list[float]] = {}
     for eval_name, metrics in results.items():
-        task = get_task("mnli" if eval_name.startswith("mnli") else eval_name)
+        task = _TASK_OF_EVAL_SET.get(eval_name) or get_task(eval_name)
         official = {k: v for k, v in metrics.items() if k in task.metrics}
         if not official:
             raise ValueError(f"{eval_name}: none of {', '.join(task.metrics)} in {sorted(metrics)}.")

@@ -8,8 +8,6 @@ is no class name) or a score (-1.0 when it is no number, as T5's `string_to_floa
 
 from __future__ import annotations
 
-from typing import Optional
-
 from datasets import Dataset
 
 from .tasks import GlueTask
@@ -53,12 +51,9 @@ def parse_prediction(task: GlueTask, text: str):
     return task.label_names.index(text) if text in task.label_names else INVALID_LABEL
 
 
-def tokenize_for_t5(
-    task: GlueTask, dataset: Dataset, tokenizer, max_source_length: int, routing_tag: Optional[int] = None
-) -> Dataset:
-    """input_ids, attention_mask, labels (and `routing_tags`, the task's tag unless given) for each row; the
-    dataset's own columns are dropped (keep `dataset["label"]` for references)."""
-    tag = task.tag if routing_tag is None else routing_tag
+def tokenize_for_t5(task: GlueTask, dataset: Dataset, tokenizer, max_source_length: int) -> Dataset:
+    """input_ids, attention_mask, labels and `routing_tags` (the task's tag) for each row; the dataset's own
+    columns are dropped (keep `dataset["label"]` for references)."""
 
     def encode(batch: dict) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -66,7 +61,7 @@ def tokenize_for_t5(
             [source_text(task, row) for row in rows], max_length=max_source_length, truncation=True
         )
         features["labels"] = tokenizer(text_target=[target_text(task, row["label"]) for row in rows])["input_ids"]
-        features["routing_tags"] = [tag] * len(rows)
+        features["routing_tags"] = [task.tag] * len(rows)
         return features
 
     return dataset.map(
