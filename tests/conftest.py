@@ -6,7 +6,14 @@ import warnings
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import hf_condroute  # noqa: F401  (registers the PEFT types)
 
@@ -41,6 +48,16 @@ def make_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
     return BertForSequenceClassification(bert_config(**overrides)).eval()
 
 
+def make_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    values = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0,
+    )
+    values.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**values)).eval()
+
+
 def t5_batch(batch: int = 4, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(2, VOCAB, (batch, 7), generator=g)
@@ -58,6 +75,17 @@ def bert_batch(batch: int = 4, seed: int = 1) -> dict:
     attention_mask[1, 4:] = 0
     input_ids[1, 4:] = 0
     labels = torch.randint(0, 3, (batch,), generator=g)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def llama_batch(batch: int = 4, seed: int = 1) -> dict:
+    """Left-padded, as a causal LM is fed for generation."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, VOCAB, (batch, 7), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    input_ids[1, :3] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

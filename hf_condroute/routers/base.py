@@ -36,6 +36,9 @@ class RoutingDecision:
     baseline: Optional[torch.Tensor] = None
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 class RouterNetwork(nn.Module):
     """Paper A's router: BatchNorm1d then Linear to N logits (the softmax is applied by the router)."""
 
@@ -86,6 +89,18 @@ class Router(nn.Module):
     def build_network(self, in_features: int, num_experts: int, config: RoutingConfig) -> nn.Module:
         return RouterNetwork(in_features, num_experts, config.router_batchnorm, config.router_init_std)
 
+    def _apply(self, fn, recurse=True):
+        # Routing maths stays float32 whatever the model's dtype (as transformers' Switch router): a cast of the model
+        # (PEFT moving an adapter to its base layer's dtype, `model.half()`, `.to(torch.bfloat16)`) moves the router's
+        # parameters and BatchNorm statistics to the new device but keeps their float32 values.
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype in HALF_DTYPES:
+                return t.to(out.device)
+            return out
+
+        return super()._apply(keep_float32, recurse)
+
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.config.router_batchnorm and x.shape[0] < 2:
             raise ValueError(
@@ -95,10 +110,7 @@ class Router(nn.Module):
             )
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        # routing maths in float32, as transformers' Switch router does
-        net_dtype = next(self.network.parameters()).dtype
-        logits = self.network(x.to(net_dtype)).float()
-        return logits / self.config.router_temperature
+        return run_in_float32(self.network, x) / self.config.router_temperature
 
     def forward(self, x: torch.Tensor, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
         logits = self.compute_logits(x)
@@ -159,6 +171,14 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_experts={self.num_experts}, top_k={self.top_k}"
+
+
+def run_in_float32(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """network(x) in the network's dtype (float32, see `Router._apply`; float64 after `.double()`), autocast off, as
+    a float32 result: transformers' Switch router computes the same way."""
+    dtype = next(network.parameters()).dtype
+    with torch.autocast(x.device.type, enabled=False):
+        return network(x.to(dtype)).float()
 
 
 def top_k_with_probs(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,10 +11,11 @@ from ..hashing import block_salt, mix
 from .base import Router, RoutingDecision
 
 
-def _one_hot_decision(experts: torch.Tensor, num_experts: int, dtype: torch.dtype) -> RoutingDecision:
+def _one_hot_decision(experts: torch.Tensor, num_experts: int) -> RoutingDecision:
+    # float32 whatever the model's dtype, like every router's decision (statistics read it)
     experts = experts.unsqueeze(-1)
-    weights = torch.ones(experts.shape, dtype=dtype, device=experts.device)
-    probs = F.one_hot(experts.squeeze(-1), num_experts).to(dtype)
+    weights = torch.ones(experts.shape, dtype=torch.float32, device=experts.device)
+    probs = F.one_hot(experts.squeeze(-1), num_experts).float()
     return RoutingDecision(experts=experts, weights=weights, probs=probs)
 
 
@@ -40,7 +41,7 @@ class TagRouter(Router):
                 "a known tag for every example. Give every example a tag, or use a learned router with "
                 "`tag_supervision_coef` to learn from partial tags."
             )
-        return _one_hot_decision(targets, self.num_experts, x.dtype if x.is_floating_point() else torch.float32)
+        return _one_hot_decision(targets, self.num_experts)
 
 
 class HashRouter(Router):
@@ -63,7 +64,7 @@ class HashRouter(Router):
                 "`routing_keys=` (LongTensor (batch,)) when the model is fed `inputs_embeds`."
             )
         experts = mix(keys, self.salt) % self.num_experts
-        return _one_hot_decision(experts, self.num_experts, x.dtype if x.is_floating_point() else torch.float32)
+        return _one_hot_decision(experts, self.num_experts)
 
 
 class MonolithicRouter(Router):
@@ -78,4 +79,4 @@ class MonolithicRouter(Router):
 
     def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
         experts = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return _one_hot_decision(experts, 1, x.dtype if x.is_floating_point() else torch.float32)
+        return _one_hot_decision(experts, 1)

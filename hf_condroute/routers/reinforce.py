@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import losses
-from .base import Router, RoutingDecision, equal_weights
+from .base import Router, RoutingDecision, equal_weights, run_in_float32
 
 
 def plackett_luce_log_prob(log_probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class ReinforceRouter(Router):
             experts = torch.multinomial(probs.detach(), self.top_k, replacement=False)
         else:
             experts = probs.topk(self.top_k, dim=-1).indices
-        baseline = self.baseline(x.detach().to(self.baseline.net[0].weight.dtype)).float()
+        baseline = run_in_float32(self.baseline, x.detach())
         weights = equal_weights(experts, probs.dtype)
         return RoutingDecision(experts=experts, weights=weights, probs=probs, logits=logits, baseline=baseline)
 

@@ -91,6 +91,16 @@ class RoutedTunerLayer(RefusesMerge, BaseTunerLayer):
         """adapter name -> its RoutedBlock in this layer."""
         return getattr(self, self.adapter_layer_names[0])
 
+    def _get_base_layer_device_and_dtype(self, base_layer):
+        # PEFT reads `.weight`; a routed FFN's base is a whole FFN module (BertIntermediate, LlamaMLP), whose device
+        # and dtype are those of its first floating parameter. The router keeps float32 through the move.
+        device, dtype = super()._get_base_layer_device_and_dtype(base_layer)
+        if device is None:
+            param = next((p for p in base_layer.parameters() if p.is_floating_point()), None)
+            if param is not None:
+                device, dtype = param.device, param.dtype
+        return device, dtype
+
     def _add_block(self, adapter_name: str, router: Router, bank: ExpertBank, granularity: str) -> None:
         block = RoutedBlock(router, bank, granularity, name=self.block_name)
         block.record_key = (adapter_name, self.block_name)
