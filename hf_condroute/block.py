@@ -20,13 +20,14 @@ from .step import RoutingRecord, RoutingStep
 
 @dataclass
 class RoutingInputs:
-    """What a block needs besides its hidden states. Leading dimensions are the batch; a tensor with fewer rows
-    than the batch is repeated when the batch is a multiple of it (beam search expands each example)."""
+    """What a block needs besides its hidden states. Leading dimensions are the batch. Tags must have one row per
+    example; the tensors the library derives once per example (mask, pooled features, content keys) are repeated
+    when the batch is a multiple of their rows (beam search expands each example after the encoder ran)."""
 
     mask: Optional[torch.Tensor] = None  # (B, L) 1 for real tokens; longer masks are right-aligned to L
     pooled: Optional[torch.Tensor] = None  # (B, D') per-example routing features replacing the mean of x
     tags: Optional[torch.Tensor] = None  # (B,) or (B, G) long, -100 unknown
-    keys: Optional[torch.Tensor] = None  # (B,) per-example hash keys
+    keys: Optional[torch.Tensor] = None  # (B,) per-example hash keys, or (B, L) per-token ones (replace token_ids)
     token_ids: Optional[torch.Tensor] = None  # (B, L) token ids, the keys of per-token hash routing
     step: Optional[RoutingStep] = None  # where decisions and losses are recorded (None: not recorded)
 
@@ -44,16 +45,21 @@ def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def match_rows(
-    t: Optional[torch.Tensor], batch: int, what: str, block: str, device: Optional[torch.device] = None
+    t: Optional[torch.Tensor],
+    batch: int,
+    what: str,
+    block: str,
+    device: Optional[torch.device] = None,
+    repeat: bool = True,
 ) -> Optional[torch.Tensor]:
-    """t on `device` with one row per example of the batch (rows repeated for beam search)."""
+    """t on `device` with one row per example of the batch; with `repeat`, rows are repeated for beam search."""
     if t is None:
         return None
     if device is not None and t.device != device:
         t = t.to(device)
     if t.shape[0] == batch:
         return t
-    if t.shape[0] > 0 and batch % t.shape[0] == 0:
+    if repeat and t.shape[0] > 0 and batch % t.shape[0] == 0:
         return t.repeat_interleave(batch // t.shape[0], dim=0)
     raise ValueError(
         f"{what} has {t.shape[0]} rows but block {block or '<unnamed>'} sees a batch of {batch}: give one row per "
@@ -115,11 +121,18 @@ class RoutedBlock(nn.Module):
         batch, length = seq.shape[0], seq.shape[1]
         name = self.name
         dev = x.device
-        tags = match_rows(select_tags(inputs.tags, self.router.config.tag_group, name), batch, "routing_tags", name, dev)
+        tags = select_tags(inputs.tags, self.router.config.tag_group, name)
+        tags = match_rows(tags, batch, "routing_tags", name, dev, repeat=False)
         mask = match_rows(inputs.mask, batch, "attention_mask", name, dev)
         if self.granularity == "example":
             pooled = match_rows(inputs.pooled, batch, "the encoder's pooled output", name, dev)
             features = pooled if pooled is not None else masked_mean(seq, mask)
+            if inputs.keys is not None and inputs.keys.dim() != 1:
+                raise ValueError(
+                    f"routing_keys has shape {tuple(inputs.keys.shape)}, but block {name or '<unnamed>'} routes per "
+                    "example: give one key per example, shape (batch,). (batch, tokens) keys are for "
+                    "routing_granularity='token'."
+                )
             keys = match_rows(inputs.keys, batch, "routing_keys", name, dev)
             decision = self.router(features, tags=tags, keys=keys, step=inputs.step.id if inputs.step else None)
             row_example, row_mask, rows = None, None, seq
@@ -133,6 +146,8 @@ class RoutedBlock(nn.Module):
             )
             token_ids = match_rows(inputs.token_ids, batch, "input_ids", name, dev)
             token_ids = token_ids[:, -length:] if token_ids is not None else None
+            if inputs.keys is not None:
+                token_ids = self._token_keys(inputs.keys, batch, length, dev)
             # every token a row (no padding): views in token order, not a gather and a scatter of the whole sequence
             every_token = mask is None or bool(row_mask.all())
             if every_token:
@@ -173,6 +188,18 @@ class RoutedBlock(nn.Module):
             full[row_mask] = out.squeeze(1)
             out = full
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+    def _token_keys(self, keys: torch.Tensor, batch: int, length: int, device) -> torch.Tensor:
+        """A user's per-token hash keys (B, L), which must match this block's tokens one for one."""
+        name = self.name or "<unnamed>"
+        if keys.dim() != 2 or keys.shape[1] != length:
+            raise ValueError(
+                f"routing_keys has shape {tuple(keys.shape)}, but block {name} routes each of its {length} tokens: "
+                f"per-token routing needs one key per token, shape (batch, {length}). (batch,) keys are for "
+                "routing_granularity='example'; when generating with the cache, feed input_ids instead of keys."
+            )
+        return match_rows(keys, batch, "routing_keys", name, device, repeat=False).long()
 
 
 def _detached(d: RoutingDecision) -> RoutingDecision:

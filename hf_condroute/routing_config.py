@@ -11,31 +11,33 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .validation import Choice, ExpertList, Flag, Integer, PatternMap, Real, check_fields
+
 
 @dataclass
 class RoutingConfig:
     router: str = field(default="top_k", metadata={"help": "Router name, one of `hf_condroute.ROUTERS`."})
-    num_experts: int = field(default=8, metadata={"help": "Experts per routed block (`monolithic` uses one)."})
-    top_k: int = field(default=1, metadata={"help": "Experts each example (or token) runs through."})
+    num_experts: int = field(default=8, metadata={"check": Integer(1), "help": "Experts per routed block (`monolithic` uses one)."})
+    top_k: int = field(default=1, metadata={"check": Integer(1), "help": "Experts each example (or token) runs through."})
     routing_granularity: Literal["example", "token"] = field(
         default="example",
-        metadata={
+        metadata={"check": Choice(values=("example", "token")), 
             "help": "`example`: one decision per example, on the mean of the block input over non-padding tokens "
             "(decoder blocks of encoder-decoder models use the mean of the encoder output, so no target token "
             "leaks). `token`: one decision per token."
         },
     )
     router_batchnorm: bool = field(
-        default=True, metadata={"help": "Router network is BatchNorm, Linear, softmax (paper A); False drops the BatchNorm."}
+        default=True, metadata={"check": Flag(), "help": "Router network is BatchNorm, Linear, softmax (paper A); False drops the BatchNorm."}
     )
     router_init_std: Optional[float] = field(
         default=None,
-        metadata={"help": "Std of the router Linear's normal init (small values start near uniform); None: torch default."},
+        metadata={"check": Real(0, optional=True), "help": "Std of the router Linear's normal init (small values start near uniform); None: torch default."},
     )
-    router_temperature: float = field(default=1.0, metadata={"help": "Logits are divided by this (MOESART's tau)."})
+    router_temperature: float = field(default=1.0, metadata={"check": Real(0, low_open=True), "help": "Logits are divided by this (MOESART's tau)."})
     norm_topk_prob: bool = field(
         default=False,
-        metadata={
+        metadata={"check": Flag(), 
             "help": "Top-k family (`top_k`, `v_moe`, `smoe`, `x_moe`): renormalise the k chosen probabilities to sum to "
             "1, i.e. softmax over the top-k logits (paper B's Top-k, Shazeer et al. 2017; transformers' name). False "
             "keeps them as they are (Switch, V-MoE). No effect with top_k=1, where the probability itself must scale "
@@ -44,66 +46,63 @@ class RoutingConfig:
     )
     router_jitter_noise: Optional[float] = field(
         default=None,
-        metadata={
+        metadata={"check": Real(0, high=1, high_open=True, optional=True), 
             "help": "Multiplicative noise U(1-eps, 1+eps) on the router input in training (Switch/SMoE). "
             "None: 0.02 for `smoe`, 0 otherwise."
         },
     )
     vmoe_noise_std: Optional[float] = field(
-        default=None, metadata={"help": "Std of V-MoE's additive logit noise in training; None: 1/num_experts."}
+        default=None, metadata={"check": Real(0, optional=True), "help": "Std of V-MoE's additive logit noise in training; None: 1/num_experts."}
     )
-    router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Load-balancing loss weight (Switch)."})
-    router_z_loss_coef: float = field(default=0.0, metadata={"help": "Router z-loss weight (ST-MoE)."})
+    router_aux_loss_coef: float = field(default=0.0, metadata={"check": Real(0), "help": "Load-balancing loss weight (Switch)."})
+    router_z_loss_coef: float = field(default=0.0, metadata={"check": Real(0), "help": "Router z-loss weight (ST-MoE)."})
     tag_supervision_coef: float = field(
-        default=0.0, metadata={"help": "Cross-entropy of router logits to tags where the tag is not -100 (paper A 4.4)."}
+        default=0.0, metadata={"check": Real(0), "help": "Cross-entropy of router logits to tags where the tag is not -100 (paper A 4.4)."}
     )
     trimmed_lasso_coef: float = field(
-        default=0.0, metadata={"help": "Weight of the probability mass outside the top k (paper B 3.2)."}
+        default=0.0, metadata={"check": Real(0), "help": "Weight of the probability mass outside the top k (paper B 3.2)."}
     )
-    reinforce_policy_coef: float = field(default=0.01, metadata={"help": "REINFORCE policy-gradient weight (alpha)."})
-    reinforce_entropy_coef: float = field(default=5e-4, metadata={"help": "REINFORCE entropy-bonus weight (beta)."})
-    reinforce_value_coef: float = field(default=0.01, metadata={"help": "REINFORCE baseline (value) loss weight (gamma)."})
-    reinforce_huber_delta: float = field(default=1.0, metadata={"help": "Delta of the Huber value loss, paper A eq. (1)."})
-    reinforce_baseline_hidden: int = field(default=64, metadata={"help": "Hidden units of the baseline MLP."})
-    gumbel_temperature_start: float = field(default=10.0, metadata={"help": "ST-Gumbel temperature at step 0."})
-    gumbel_temperature_min: float = field(default=0.5, metadata={"help": "ST-Gumbel temperature floor."})
+    reinforce_policy_coef: float = field(default=0.01, metadata={"check": Real(0), "help": "REINFORCE policy-gradient weight (alpha)."})
+    reinforce_entropy_coef: float = field(default=5e-4, metadata={"check": Real(0), "help": "REINFORCE entropy-bonus weight (beta)."})
+    reinforce_value_coef: float = field(default=0.01, metadata={"check": Real(0), "help": "REINFORCE baseline (value) loss weight (gamma)."})
+    reinforce_huber_delta: float = field(default=1.0, metadata={"check": Real(0, low_open=True), "help": "Delta of the Huber value loss, paper A eq. (1)."})
+    reinforce_baseline_hidden: int = field(default=64, metadata={"check": Integer(1), "help": "Hidden units of the baseline MLP."})
+    gumbel_temperature_start: float = field(default=10.0, metadata={"check": Real(0, low_open=True), "help": "ST-Gumbel temperature at step 0."})
+    gumbel_temperature_min: float = field(default=0.5, metadata={"check": Real(0, low_open=True), "help": "ST-Gumbel temperature floor."})
     gumbel_anneal_rate: float = field(
-        default=1e-4, metadata={"help": "tau_t = max(min, start * exp(-rate * t)), t = training forwards so far."}
+        default=1e-4, metadata={"check": Real(0), "help": "tau_t = max(min, start * exp(-rate * t)), t = training forwards so far."}
     )
     expert_choice_capacity_factor: float = field(
-        default=1.0, metadata={"help": "Expert Choice: each expert takes ceil(factor * rows * top_k / num_experts) rows."}
+        default=1.0, metadata={"check": Real(0, low_open=True), "help": "Expert Choice: each expert takes ceil(factor * rows * top_k / num_experts) rows."}
     )
-    xmoe_dim: Optional[int] = field(default=None, metadata={"help": "X-MoE routing dimension; None: max(2, N // 2)."})
-    xmoe_temperature: float = field(default=0.3, metadata={"help": "X-MoE initial (learnable) temperature."})
+    xmoe_dim: Optional[int] = field(default=None, metadata={"check": Integer(1, optional=True), "help": "X-MoE routing dimension; None: max(2, N // 2)."})
+    xmoe_temperature: float = field(default=0.3, metadata={"check": Real(0, low_open=True), "help": "X-MoE initial (learnable) temperature."})
     moesart_replacement: bool = field(
-        default=False, metadata={"help": "MOESART samples with replacement (the paper's default is without)."}
+        default=False, metadata={"check": Flag(), "help": "MOESART samples with replacement (the paper's default is without)."}
     )
     tag_to_expert: Optional[list[int]] = field(
-        default=None, metadata={"help": "Tag i routes to expert tag_to_expert[i] (tag router and tag supervision)."}
+        default=None, metadata={"check": ExpertList(optional=True), "help": "Tag i routes to expert tag_to_expert[i] (tag router and tag supervision)."}
     )
     tag_to_expert_pattern: Optional[dict[str, list[int]]] = field(
         default=None,
-        metadata={
+        metadata={"check": PatternMap(optional=True), 
             "help": "Per-block override of `tag_to_expert`: {regex on the block name: mapping}, like PEFT's "
             "`rank_pattern` (paper A's Tag+ maps RTE to MNLI's expert in encoder blocks only)."
         },
     )
-    tag_group: int = field(default=0, metadata={"help": "Column of (batch, groups) routing tags that blocks use."})
-    hash_seed: int = field(default=0, metadata={"help": "Seed mixed into the hash router's per-block salt."})
+    tag_group: int = field(default=0, metadata={"check": Integer(0), "help": "Column of (batch, groups) routing tags that blocks use."})
+    hash_seed: int = field(default=0, metadata={"check": Integer(), "help": "Seed mixed into the hash router's per-block salt."})
 
     def validate_routing(self) -> None:
         """Raise a ValueError naming the problem and the fix for every inconsistent routing setting."""
         from .routers import ROUTERS, router_class
 
+        check_fields(self)
         if self.router not in ROUTERS:
             raise ValueError(
                 f"Unknown router {self.router!r}. Valid routers: {', '.join(ROUTERS)}. "
                 "Set `router=` to one of them."
             )
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}.")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
         cls = router_class(self.router)
         if cls.uses_top_k and self.top_k > self.num_experts:
             raise ValueError(
@@ -115,19 +114,10 @@ class RoutingConfig:
                 f"Router {self.router!r} needs top_k >= {cls.min_top_k} (got {self.top_k}): "
                 f"{cls.min_top_k_reason} Set top_k={cls.min_top_k} or more."
             )
-        if self.routing_granularity not in ("example", "token"):
+        if self.gumbel_temperature_start < self.gumbel_temperature_min:
             raise ValueError(
-                f"routing_granularity must be 'example' or 'token', got {self.routing_granularity!r}."
-            )
-        if self.router_temperature <= 0:
-            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}.")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "tag_supervision_coef", "trimmed_lasso_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if self.gumbel_temperature_min <= 0 or self.gumbel_temperature_start < self.gumbel_temperature_min:
-            raise ValueError(
-                "ST-Gumbel needs 0 < gumbel_temperature_min <= gumbel_temperature_start, got "
-                f"{self.gumbel_temperature_min} and {self.gumbel_temperature_start}."
+                "ST-Gumbel anneals its temperature down: gumbel_temperature_min must be <= gumbel_temperature_start, "
+                f"got {self.gumbel_temperature_min} and {self.gumbel_temperature_start}."
             )
         mappings = [self.tag_to_expert] + list((self.tag_to_expert_pattern or {}).values())
         for mapping in mappings:
@@ -139,8 +129,6 @@ class RoutingConfig:
                     f"tag_to_expert maps tags to experts {bad}, outside 0..{self.num_experts - 1}. "
                     "Every mapped expert must be below num_experts."
                 )
-        for pattern in self.tag_to_expert_pattern or {}:
-            re.compile(pattern)
 
     def tag_mapping_for(self, block_name: str) -> Optional[list[int]]:
         """The tag-to-expert mapping of one block: the first matching pattern, else `tag_to_expert`."""

@@ -87,13 +87,20 @@ def test_hash_token_routing_uses_token_ids():
     assert e[0, 1] == e[1, 0]
 
 
-def test_rows_are_repeated_for_beams_and_mismatches_are_refused():
+def test_tags_are_never_repeated_but_library_made_features_are():
     block = make_block("tag").eval()
-    step = RoutingStep()
-    block(torch.randn(6, 2, D), RoutingInputs(tags=torch.tensor([1, 3]), step=step))
-    assert step.records["blk"].decision.experts.squeeze(1).tolist() == [1, 1, 1, 3, 3, 3]
+    # 2 tags for a batch of 6 is a user error, not beam search (generate repeats tags for beams itself)
+    with pytest.raises(ValueError, match="routing_tags has 2 rows but block blk sees a batch of 6"):
+        block(torch.randn(6, 2, D), RoutingInputs(tags=torch.tensor([1, 3])))
     with pytest.raises(ValueError, match="routing_tags has 4 rows but block blk sees a batch of 6"):
         block(torch.randn(6, 2, D), RoutingInputs(tags=torch.tensor([0, 1, 2, 3])))
+    # the encoder's pooled output (2 examples) under 3 beams each: repeated per beam
+    learned = make_block("top_k").eval()
+    pooled = torch.randn(2, D)
+    step = RoutingStep()
+    learned(torch.randn(6, 2, D), RoutingInputs(pooled=pooled, step=step))
+    probs = step.records["blk"].decision.probs
+    torch.testing.assert_close(probs, learned.router(pooled).probs.repeat_interleave(3, dim=0))
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,14 @@ def test_split_errors_name_the_problem():
         assign_neurons(torch.rand(8), 3, 6, 2)
 
 
+def test_default_expert_dim_on_a_small_ffn_names_the_ffn_size():
+    # BERT-base's shared_neurons=512 on a 16-neuron FFN: the default expert size would be negative
+    model = tiny_bert()
+    config = RoutedFFNConfig(num_experts=4, shared_neurons=512, init_weights=False)
+    with pytest.raises(ValueError, match=rf"shared_neurons=512 is larger than the FFN of bert.encoder.layer.0.intermediate, which has {FFN} neurons"):
+        get_peft_model(model, config)
+
+
 # ----- importance ----------------------------------------------------------------------------------------
 
 

@@ -291,7 +291,7 @@ def test_tag_out_of_range_and_wrong_shape():
         model(**bert_batch(), routing_tags=torch.tensor([0, 1, 9, 2]))
     with pytest.raises(ValueError, match=r"\(batch,\) or \(batch, groups\)"):
         model(**bert_batch(), routing_tags=torch.zeros(4, 1, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="3 rows but block .* sees a batch of 4"):
+    with pytest.raises(ValueError, match="routing_tags has 3 rows but the batch has 4 examples"):
         model(**bert_batch(), routing_tags=torch.tensor([0, 1, 2]))
 
 

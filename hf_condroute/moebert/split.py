@@ -28,6 +28,12 @@ def check_shared(expert_dim: int, shared_neurons: int) -> None:
 def check_split(ffn_dim: int, num_experts: int, expert_dim: int, shared_neurons: int, layer: str = "") -> None:
     """Raise a ValueError naming the problem and the fix when the FFN cannot be split this way."""
     where = f"the FFN of {layer}" if layer else "the FFN"
+    if shared_neurons > ffn_dim:
+        raise ValueError(
+            f"shared_neurons={shared_neurons} is larger than {where}, which has {ffn_dim} neurons: the shared neurons "
+            f"are some of the FFN's own. Use shared_neurons < {ffn_dim} (MoEBERT shares 512 of BERT-base's 3072, "
+            f"a sixth: {ffn_dim // 6} here), or 0."
+        )
     check_shared(expert_dim, shared_neurons)
     if expert_dim > ffn_dim:
         raise ValueError(

@@ -60,8 +60,9 @@ class HashRouter(Router):
     def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
         if keys is None:
             raise ValueError(
-                f"The hash router of block {self.block_name or '<unnamed>'} has no key to hash: pass `input_ids`, or "
-                "`routing_keys=` (LongTensor (batch,)) when the model is fed `inputs_embeds`."
+                f"The hash router of block {self.block_name or '<unnamed>'} has no key to hash: pass `input_ids`, or, "
+                "when the model is fed `inputs_embeds`, `routing_keys=`: a LongTensor (batch,) for per-example "
+                "routing, (batch, tokens) for per-token routing."
             )
         experts = mix(keys, self.salt) % self.num_experts
         return _one_hot_decision(experts, self.num_experts)

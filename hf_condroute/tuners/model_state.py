@@ -63,6 +63,22 @@ def warn_if_causal_example_routing(model: nn.Module, config) -> None:
         )
 
 
+BATCH_SOURCES = ("input_ids", "inputs_embeds", "pixel_values", "decoder_input_ids", "decoder_inputs_embeds")
+
+
+def _batch_size(kwargs: dict) -> tuple[Optional[int], str]:
+    """The number of examples of a forward and the argument it was read from."""
+    for name in BATCH_SOURCES:
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return t.shape[0], name
+    encoder_outputs = kwargs.get("encoder_outputs")
+    if encoder_outputs is not None:
+        hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+        return hidden.shape[0], "encoder_outputs"
+    return None, ""
+
+
 class ModelRoutingState:
     """Shared by every routed layer of one model. Use `ModelRoutingState.of(model)` to get or install it."""
 
@@ -72,7 +88,8 @@ class ModelRoutingState:
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         self.step: Optional[RoutingStep] = None
         self.tags: Optional[torch.Tensor] = None
-        self.keys: Optional[torch.Tensor] = None
+        self.keys: Optional[torch.Tensor] = None  # routing_keys as given, else the input-id content of each example
+        self.keys_explicit = False
         self.labels: Optional[torch.Tensor] = None
         self.masks: dict[str, Optional[torch.Tensor]] = {"self": None, "encoder": None, "decoder": None}
         self.token_ids: dict[str, Optional[torch.Tensor]] = {"self": None, "encoder": None, "decoder": None}
@@ -156,11 +173,15 @@ class ModelRoutingState:
                 )
             pooled = self.encoder_pooled
         key_side = "encoder" if side == "decoder" and granularity == "example" else side
+        if granularity == "example":
+            keys = self.keys
+        else:  # a user's (batch, tokens) keys replace the token ids of the input they came with, not the decoder's
+            keys = self.keys if self.keys_explicit and side != "decoder" else None
         return RoutingInputs(
             mask=self.masks[side],
             pooled=pooled,
             tags=self.tags,
-            keys=self.keys if granularity == "example" else None,
+            keys=keys,
             token_ids=self.token_ids[key_side],
             step=self.step,
         )
@@ -174,11 +195,31 @@ class ModelRoutingState:
             keys = torch.as_tensor(keys)
         return tags, keys
 
+    @staticmethod
+    def _check_rows(tags, keys, kwargs: dict, where: str) -> None:
+        """routing_tags and routing_keys need one row per example of the batch: a short tensor is refused, never
+        repeated (generate repeats them for beams itself)."""
+        batch, source = _batch_size(kwargs)
+        for name, t in (("routing_tags", tags), ("routing_keys", keys)):
+            if t is None:
+                continue
+            if t.dim() == 0:
+                raise ValueError(
+                    f"{name} is a single number, but it needs one row per example: pass a tensor of shape (batch,)"
+                    + (" or (batch, tokens) for per-token routing." if name == "routing_keys" else " or (batch, groups).")
+                )
+            if batch is not None and t.shape[0] != batch:
+                raise ValueError(
+                    f"{name} has {t.shape[0]} rows but the batch has {batch} examples ({source} of {where}): give "
+                    f"one row per example, in the batch's order."
+                )
+
     def _set_keys(self, explicit, input_ids, attention_mask, continuing: bool) -> None:
         if explicit is not None:
-            self.keys = explicit.long()
+            self.keys, self.keys_explicit = explicit.long(), True
         elif not continuing:
             self.keys = content_keys(input_ids, attention_mask) if input_ids is not None else None
+            self.keys_explicit = False
 
     def _pre_forward(self, module, args, kwargs):
         if args:
@@ -187,6 +228,7 @@ class ModelRoutingState:
             kwargs.update(kwargs.pop("kwargs", {}) or {})
             args = ()
         tags, keys = self._take_routing_kwargs(kwargs)
+        self._check_rows(tags, keys, kwargs, "the model's forward")
         self.step = RoutingStep()
         self._inside_forward = True
         encoder_outputs = kwargs.get("encoder_outputs")
@@ -229,6 +271,7 @@ class ModelRoutingState:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if not self._inside_forward:
             # the encoder runs on its own (as in generate): a new forward
+            self._check_rows(tags, keys, {"input_ids": input_ids, **kwargs}, "the encoder")
             self.step = RoutingStep()
             self.tags = tags
             self._set_keys(keys, input_ids, mask, continuing=False)

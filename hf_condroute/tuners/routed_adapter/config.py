@@ -8,6 +8,8 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from ...routing_config import RoutingConfig
+from ...experts import ACTIVATIONS
+from ...validation import Choice, Flag, Integer, check_fields
 from ..peft_types import ROUTED_ADAPTER
 
 # After self-attention and after the feed-forward of every layer (paper A); not after cross-attention.
@@ -43,9 +45,11 @@ class RoutedAdapterConfig(RoutingConfig, PeftConfig):
         target_modules / exclude_modules / modules_to_save: as in every PEFT config.
     """
 
-    adapter_dim: int = field(default=64, metadata={"help": "Bottleneck size of each adapter."})
-    adapter_activation: str = field(default="relu", metadata={"help": "relu, gelu, silu, tanh or identity."})
-    init_weights: bool = field(default=True, metadata={"help": "Zero-initialise the up projections."})
+    adapter_dim: int = field(default=64, metadata={"check": Integer(1), "help": "Bottleneck size of each adapter."})
+    adapter_activation: str = field(
+        default="relu", metadata={"check": Choice(values=tuple(ACTIVATIONS), label="activation"), "help": "relu, gelu, silu, tanh or identity."}
+    )
+    init_weights: bool = field(default=True, metadata={"check": Flag(), "help": "Zero-initialise the up projections."})
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
@@ -65,9 +69,5 @@ class RoutedAdapterConfig(RoutingConfig, PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.adapter_dim < 1:
-            raise ValueError(f"adapter_dim must be >= 1, got {self.adapter_dim}.")
-        from ...experts import activation_fn
-
-        activation_fn(self.adapter_activation)
+        check_fields(self)
         self.validate_routing()

@@ -11,6 +11,7 @@ from peft.config import PeftConfig
 
 from ...moebert.split import check_shared
 from ...routing_config import RoutingConfig
+from ...validation import Choice, Flag, Integer, Text, check_fields
 from ..peft_types import ROUTED_FFN
 
 
@@ -46,19 +47,19 @@ class RoutedFFNConfig(RoutingConfig, PeftConfig):
     (top-k weights summing to 1, so the output bias and scale match the dense FFN's).
     """
 
-    num_experts: int = field(default=4, metadata={"help": "Experts per FFN (MoEBERT: 4)."})
-    top_k: int = field(default=2, metadata={"help": "Experts each token (or example) runs through."})
+    num_experts: int = field(default=4, metadata={"check": Integer(1), "help": "Experts per FFN (MoEBERT: 4)."})
+    top_k: int = field(default=2, metadata={"check": Integer(1), "help": "Experts each token (or example) runs through."})
     routing_granularity: Literal["example", "token"] = field(
-        default="token", metadata={"help": "`token` (default): one decision per token. `example`: one per sequence."}
+        default="token", metadata={"check": Choice(values=("example", "token")), "help": "`token` (default): one decision per token. `example`: one per sequence."}
     )
     norm_topk_prob: bool = field(
-        default=True, metadata={"help": "Top-k weights sum to 1 (paper B's Top-k: softmax over the top-k logits)."}
+        default=True, metadata={"check": Flag(), "help": "Top-k weights sum to 1 (paper B's Top-k: softmax over the top-k logits)."}
     )
     expert_dim: Optional[int] = field(
         default=None,
-        metadata={"help": "Neurons per expert; None: shared_neurons + (ffn_dim - shared_neurons) // num_experts."},
+        metadata={"check": Integer(1, optional=True), "help": "Neurons per expert; None: shared_neurons + (ffn_dim - shared_neurons) // num_experts."},
     )
-    shared_neurons: int = field(default=0, metadata={"help": "The most important neurons, shared by every expert."})
+    shared_neurons: int = field(default=0, metadata={"check": Integer(0), "help": "The most important neurons, shared by every expert."})
     importance: Optional[Any] = field(
         default=None,
         repr=False,
@@ -66,7 +67,7 @@ class RoutedFFNConfig(RoutingConfig, PeftConfig):
     )
     init_weights: bool = field(
         default=True,
-        metadata={"help": "Build experts from the dense FFN by `importance`; False: index order (loading)."},
+        metadata={"check": Flag(), "help": "Build experts from the dense FFN by `importance`; False: index order (loading)."},
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -74,14 +75,14 @@ class RoutedFFNConfig(RoutingConfig, PeftConfig):
     )
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to leave out."})
     ffn_in_proj: Optional[list[str]] = field(
-        default=None, metadata={"help": "Input projection path(s) from the FFN's parent; [gate, up] when gated."}
+        default=None, metadata={"check": Text(many=True, optional=True), "help": "Input projection path(s) from the FFN's parent; [gate, up] when gated."}
     )
-    ffn_out_proj: Optional[str] = field(default=None, metadata={"help": "Output projection path from the FFN's parent."})
+    ffn_out_proj: Optional[str] = field(default=None, metadata={"check": Text(optional=True), "help": "Output projection path from the FFN's parent."})
     ffn_activation: Optional[str] = field(
-        default=None, metadata={"help": "Activation module path from the FFN's parent, or a transformers ACT2FN name."}
+        default=None, metadata={"check": Text(optional=True), "help": "Activation module path from the FFN's parent, or a transformers ACT2FN name."}
     )
     ffn_dropout: Optional[str] = field(
-        default=None, metadata={"help": "Path of the dropout on the FFN's activations, if any."}
+        default=None, metadata={"check": Text(optional=True), "help": "Path of the dropout on the FFN's activations, if any."}
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules to train and save, e.g. a classifier head."}
@@ -94,14 +95,11 @@ class RoutedFFNConfig(RoutingConfig, PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.expert_dim is not None and self.expert_dim < 1:
-            raise ValueError(f"expert_dim must be >= 1 (or None for the default), got {self.expert_dim}.")
-        if self.shared_neurons < 0:
-            raise ValueError(f"shared_neurons must be >= 0, got {self.shared_neurons}.")
-        if self.expert_dim is not None:
-            check_shared(self.expert_dim, self.shared_neurons)
         if isinstance(self.ffn_in_proj, str):
             self.ffn_in_proj = [self.ffn_in_proj]
+        check_fields(self)
+        if self.expert_dim is not None:
+            check_shared(self.expert_dim, self.shared_neurons)
         if self.ffn_in_proj is not None:
             if not 1 <= len(self.ffn_in_proj) <= 2:
                 raise ValueError(
