@@ -16,6 +16,7 @@ import argparse
 import os
 import time
 
+from hf_condroute.cli import run_recipe, usage_errors
 from hf_condroute.dae_syn.model import DAEConfig
 from hf_condroute.dae_syn.report import markdown_table, write_outputs
 from hf_condroute.dae_syn.runner import run_study
@@ -41,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    rows = [Row.parse(name) for name in args.routing] if args.routing else default_rows()
+    with usage_errors():
+        rows = [Row.parse(name) for name in args.routing] if args.routing else default_rows()
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULTS.steps)
     settings = TrainSettings(steps=steps, lr=args.lr, model=DAEConfig(image_size=args.image_size))
@@ -59,4 +61,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -42,6 +42,7 @@ from transformers import (
 
 import hf_condroute
 from hf_condroute import RoutedAdapterConfig, RoutingStatsCallback, get_routing_stats
+from hf_condroute.cli import run_recipe, usage_errors
 from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
 from hf_condroute.glue import GLUE_TASK_NAMES, get_task, get_tasks, load_glue, take
 from hf_condroute.glue.seq2seq import GlueEvalSet, GlueSeq2SeqTrainer
@@ -144,6 +145,7 @@ def check_routing_arguments(args: GlueRecipeArguments) -> None:
             )
     if args.init_experts_from is not None:
         check_expert_checkpoint(args.init_experts_from)
+    routed_adapter_config(args, d_model=512)  # every routing field, checked by the config itself (d_model: any)
 
 
 def routed_adapter_config(args: GlueRecipeArguments, d_model: int) -> RoutedAdapterConfig:
@@ -216,7 +218,7 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple[GlueRecipeArgumen
 def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArguments):
     """Load (and check) the data, build the routed model, train, evaluate; returns (trainer, results)."""
     tasks = get_tasks(args.tasks)
-    with training_args.main_process_first(desc="loading GLUE"):
+    with training_args.main_process_first(desc="loading GLUE"), usage_errors():
         raw = load_glue(tasks, args.data_dir)  # every data problem is reported before the model is loaded
 
     set_seed(training_args.seed)
@@ -270,11 +272,12 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    args, training_args = parse_arguments(argv)
+    with usage_errors():
+        args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     return train_and_evaluate(args, training_args)[1]
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

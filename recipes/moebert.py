@@ -42,6 +42,7 @@ from transformers import (
 )
 
 from hf_condroute import RoutedFFNConfig, RoutingConfig, RoutingStatsCallback
+from hf_condroute.cli import run_recipe, usage_errors
 from hf_condroute.distributed import SyncRouterStatisticsCallback, all_reduce_, check_process_count
 from hf_condroute.glue import get_task, glue_average, load_glue, take, task_metrics
 from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores, plan_conversion
@@ -270,11 +271,12 @@ def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArg
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    args, training_args = parse_arguments(argv)
+    with usage_errors():
+        args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     return train_and_evaluate(args, training_args)[1]
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)
