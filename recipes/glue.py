@@ -42,7 +42,12 @@ from transformers import (
 
 import hf_condroute
 from hf_condroute import RoutedAdapterConfig, RoutingStatsCallback, get_routing_stats
-from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
+from hf_condroute.distributed import (
+    SyncRouterStatisticsCallback,
+    allow_fsdp2_on_cpu,
+    check_process_count,
+    share_tied_embedding_module,
+)
 from hf_condroute.glue import GLUE_TASK_NAMES, get_task, get_tasks, load_glue, take
 from hf_condroute.glue.seq2seq import GlueEvalSet, GlueSeq2SeqTrainer
 from hf_condroute.glue.text_to_text import tokenize_for_t5
@@ -208,6 +213,7 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple[GlueRecipeArgumen
         args, training_args = parser.parse_yaml_file(argv[0])
     else:
         args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    allow_fsdp2_on_cpu()  # an FSDP2 accelerate config shards CPU processes too, not only GPUs
     check_process_count(training_args)
     check_routing_arguments(args)
     return args, training_args
@@ -244,9 +250,12 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
     )
     # routing statistics in the Trainer's logs, collapse warnings, routing_stats.json and the model card
     RoutingStatsCallback(tags_per_group=len(GLUE_TASK_NAMES), tag_names=GLUE_TASK_NAMES).attach(trainer)
+    share_tied_embedding_module(trainer.model, trainer.accelerator)  # FSDP2 only: T5 ties its embedding 4 ways
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results = {**train_result.metrics, "train_samples": len(train_dataset)}
     results.update(trainer.evaluate())
+    if trainer.is_fsdp_enabled:  # FSDP2 keeps sharded state dicts, and save_model saves no adapter from them
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()  # after evaluating: routing_stats.json and the model card hold the evaluation's statistics
     trainer.save_state()
     eval_stats = get_routing_stats(trainer.model).get("eval")
