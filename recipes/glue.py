@@ -11,6 +11,7 @@ the model card beside the saved adapter.
     accelerate launch --num_processes 2 recipes/glue.py --routing top_k --tag_supervision_fraction 0.01 \\
         --output_dir runs/top_k_sup                                                    # 2 GPUs
     accelerate launch --multi_gpu --num_processes 2 recipes/glue.py --use_cpu ...      # 2 CPU processes
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 recipes/glue.py --use_cpu ...  # sharded (FSDP2)
     python recipes/glue.py --routing reinforce --init_experts_from runs/tag --output_dir runs/reinforce_init
     python recipes/glue.py --data_dir my_glue --max_train_samples_per_task 1000 ...   # local save_to_disk data
 
