@@ -69,7 +69,8 @@ def allow_fsdp2_on_cpu() -> None:
     that one gate: when accelerate's state comes out as `MULTI_CPU` with an FSDP2 plugin, it becomes `FSDP` with
     that plugin, and from there accelerate's and the Trainer's own FSDP2 code (sharding in `prepare`, gradient
     clipping, FSDP checkpoints, the full state dict for `save_model`) runs unchanged. FSDP1 is left alone (it needs
-    a device per process). Once accelerate sets up FSDP on CPU itself, this does nothing. Calling it twice is fine.
+    a device per process). Once accelerate sets up FSDP on CPU itself, this does nothing (checked against
+    accelerate 1.16, whose `AcceleratorState` sets FSDP only in its branch for accelerators). Calling it twice is fine.
     """
     global _CPU_FSDP2_ALLOWED
     if _CPU_FSDP2_ALLOWED:
