@@ -11,6 +11,7 @@ the model card beside the saved adapter.
     accelerate launch --num_processes 2 recipes/glue.py --routing top_k --tag_supervision_fraction 0.01 \\
         --output_dir runs/top_k_sup                                                    # 2 GPUs
     accelerate launch --multi_gpu --num_processes 2 recipes/glue.py --use_cpu ...      # 2 CPU processes
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 recipes/glue.py --use_cpu ...  # sharded (FSDP2)
     python recipes/glue.py --routing reinforce --init_experts_from runs/tag --output_dir runs/reinforce_init
     python recipes/glue.py --data_dir my_glue --max_train_samples_per_task 1000 ...   # local save_to_disk data
 
@@ -43,7 +44,12 @@ from transformers import (
 import hf_condroute
 from hf_condroute import RoutedAdapterConfig, RoutingStatsCallback, get_routing_stats
 from hf_condroute.cli import run_recipe, usage_errors
-from hf_condroute.distributed import SyncRouterStatisticsCallback, check_process_count
+from hf_condroute.distributed import (
+    SyncRouterStatisticsCallback,
+    allow_fsdp2_on_cpu,
+    check_process_count,
+    share_tied_embedding_module,
+)
 from hf_condroute.glue import GLUE_TASK_NAMES, get_task, get_tasks, load_glue, take
 from hf_condroute.glue.seq2seq import GlueEvalSet, GlueSeq2SeqTrainer
 from hf_condroute.glue.text_to_text import tokenize_for_t5
@@ -210,6 +216,7 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple[GlueRecipeArgumen
         args, training_args = parser.parse_yaml_file(argv[0])
     else:
         args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    allow_fsdp2_on_cpu()  # an FSDP2 accelerate config shards CPU processes too, not only GPUs
     check_process_count(training_args)
     check_routing_arguments(args)
     return args, training_args
@@ -246,9 +253,12 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
     )
     # routing statistics in the Trainer's logs, collapse warnings, routing_stats.json and the model card
     RoutingStatsCallback(tags_per_group=len(GLUE_TASK_NAMES), tag_names=GLUE_TASK_NAMES).attach(trainer)
+    share_tied_embedding_module(trainer.model, trainer.accelerator)  # FSDP2 only: T5 ties its embedding 4 ways
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results = {**train_result.metrics, "train_samples": len(train_dataset)}
     results.update(trainer.evaluate())
+    if trainer.is_fsdp_enabled:  # FSDP2 keeps sharded state dicts, and save_model saves no adapter from them
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()  # after evaluating: routing_stats.json and the model card hold the evaluation's statistics
     trainer.save_state()
     eval_stats = get_routing_stats(trainer.model).get("eval")
