@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..experts import ExpertMLPWeights, MLPExpertBank, dispatch
+from ..quantized import dequantized_weight
 from .layout import FFNParts
 
 
@@ -51,8 +52,9 @@ class FFNSliceBank(MLPExpertBank):
 
     @classmethod
     def from_ffn(cls, parts: FFNParts, neuron_index: torch.Tensor) -> "FFNSliceBank":
-        """A bank whose expert e holds the dense FFN's neurons `neuron_index[e]`."""
-        weight = parts.in_proj[-1].weight
+        """A bank whose expert e holds the dense FFN's neurons `neuron_index[e]`. Quantized projections (a 4-bit or
+        8-bit base) are dequantized: the experts are trainable floating-point copies of their slices."""
+        weight = dequantized_weight(parts.in_proj[-1])
         bank = cls(
             neuron_index.shape[0],
             parts.in_features,
@@ -74,15 +76,15 @@ class FFNSliceBank(MLPExpertBank):
         idx = neuron_index.to(self.wi.device)
         up, out = parts.in_proj[-1], parts.out_proj
         # nn.Linear keeps weight (out, in): rows of the input projection, columns of the output projection
-        self.wi.copy_(up.weight[idx].transpose(1, 2))
+        self.wi.copy_(dequantized_weight(up)[idx].transpose(1, 2))
         if self.bi is not None:
             self.bi.copy_(up.bias[idx])
         if self.gated:
             gate = parts.in_proj[0]
-            self.wi_gate.copy_(gate.weight[idx].transpose(1, 2))
+            self.wi_gate.copy_(dequantized_weight(gate)[idx].transpose(1, 2))
             if self.bi_gate is not None:
                 self.bi_gate.copy_(gate.bias[idx])
-        self.wo.copy_(out.weight.t()[idx])
+        self.wo.copy_(dequantized_weight(out).t()[idx])
         if self.bo is not None:
             self.bo.copy_(out.bias.expand(self.num_experts, -1))
         self.neuron_index.copy_(idx)

@@ -4,6 +4,11 @@
 
 the first-order estimate of how much the loss changes when the neuron is removed, with the absolute value
 taken per batch and summed over the data, as MoEBERT's code does. Gated FFNs count both input rows.
+
+A quantized base (bitsandbytes 4-/8-bit) has no floating-point weights to differentiate. There the same sums come
+from activations: over an input row, sum_i w_ji dL/dw_ji + b_j dL/db_j = sum_t z_j(t) dL/dz_j(t), z the input
+projection's output at token t; over an output column, sum_i w_ij dL/dw_ij = sum_t a_j(t) dL/da_j(t), a the output
+projection's input. The weights they use are the dequantized ones the layers compute with.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layout import FFNLayout, find_ffns
+from ..quantized import is_quantized
+from .layout import FFNLayout, FFNParts, find_ffns
 from .modes import eval_mode
 
 
@@ -57,6 +63,8 @@ def importance_scores(
         (see `RoutedFFNConfig.ffn_in_proj`); `layout.entry` is ignored.
     """
     ffns = find_ffns(model, target_modules, layout)
+    if any(is_quantized(m) for parts in ffns.values() for m in (*parts.in_proj, parts.out_proj)):
+        return _importance_from_activations(model, ffns, dataloader, loss_fn, max_batches, progress)
     tracked: list[list[nn.Parameter]] = []
     for parts in ffns.values():
         inputs = [p for proj in parts.in_proj for p in (proj.weight, proj.bias) if p is not None]
@@ -112,3 +120,63 @@ def _neuron_sums(out_proj, params, grads) -> torch.Tensor:
     if total is None:
         return torch.zeros(out_proj.in_features, device=out_proj.weight.device)
     return total
+
+
+def _importance_from_activations(model, ffns: dict[str, FFNParts], dataloader, loss_fn, max_batches, progress):
+    """`importance_scores` through activations (see the module docstring): for quantized projections."""
+    params = list(model.parameters())
+    device = next((p.device for p in params), torch.device("cpu"))
+    scores = {name: torch.zeros(parts.ffn_dim, dtype=torch.float32, device=device) for name, parts in ffns.items()}
+    flags = [(p, p.requires_grad) for p in params]
+    seen = 0
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)  # nothing but the activations needs a gradient
+        with eval_mode(model):
+            total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+            for batch in tqdm(dataloader, total=total, disable=not progress, desc="importance"):
+                if max_batches is not None and seen >= max_batches:
+                    break
+                batch = send_to_device(batch, device)
+                acts: dict[str, list[torch.Tensor]] = {name: [] for name in ffns}
+
+                def keep(name, t):
+                    if not t.requires_grad:  # the first FFN's input projection: nothing upstream needs a gradient
+                        t.requires_grad_(True)
+                    acts[name].append(t)
+
+                handles = []
+                embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+                if isinstance(embeddings, nn.Module):
+                    # inputs that need gradients from the start, as `enable_input_require_grads` makes them: a 4-bit
+                    # layer run without them in eval mode switches to bitsandbytes' CPU inference kernel for good
+                    handles.append(embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
+                for name, parts in ffns.items():
+                    for proj in parts.in_proj:
+                        handles.append(proj.register_forward_hook(lambda m, i, out, name=name: keep(name, out)))
+                    handles.append(
+                        parts.out_proj.register_forward_pre_hook(lambda m, args, name=name: keep(name, args[0]))
+                    )
+                try:
+                    with torch.enable_grad():
+                        loss = loss_fn(model, batch) if loss_fn is not None else _task_loss(model, batch)
+                finally:
+                    for h in handles:
+                        h.remove()
+                tensors = [t for name in ffns for t in acts[name]]
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors and loss.requires_grad else []
+                grads = iter(grads)
+                for name in ffns:
+                    total_j = torch.zeros_like(scores[name])
+                    for t in acts[name]:
+                        g = next(grads)
+                        if g is not None:
+                            total_j += (t.detach().float() * g.float()).reshape(-1, t.shape[-1]).sum(0)
+                    scores[name] += total_j.abs()
+                seen += 1
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    if seen == 0:
+        raise ValueError("The dataloader gave no batch: importance scores need data.")
+    return {name: score.cpu() for name, score in scores.items()}

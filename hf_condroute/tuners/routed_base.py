@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ..block import RoutedBlock
 from ..experts import ExpertBank
+from ..quantized import check_quantized_modules_to_save
 from ..routers import Router
 
 from .model_state import ModelRoutingState, warn_if_causal_example_routing
@@ -35,6 +36,7 @@ class RoutedTunerModel(BaseTuner):
     refused with their layer class's `merge_refused`."""
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        check_quantized_modules_to_save(model, getattr(config, "modules_to_save", None))
         self.routing_state = ModelRoutingState.of(model)
         warn_if_causal_example_routing(model, config)
 
