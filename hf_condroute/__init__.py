@@ -10,20 +10,17 @@ from .api import get_routing, get_routing_losses, last_step, routing_loss, set_r
 from .block import RoutedBlock, RoutingInputs
 from .callbacks import RoutingStatsCallback
 from .experts import AdapterBank, EmbeddingBank, ExpertBank
-from .hub import install_hub_hooks, save_routing_stats
+from .hub import save_routing_stats
 from .metrics import active_subnetworks, focus_cover, routing_focus_cover, tag_presence
 from .routers import ROUTERS, Router, RoutingDecision, build_router, register_router
 from .routing_config import RoutingConfig
 from .stats import RoutingStats, RoutingStatsAccumulator, compute_routing_stats, get_routing_stats, set_routing_stats
 from .step import RoutingStep
-from .tuners.peft_types import ROUTED_ADAPTER
-from .tuners.peft_types import ROUTED_FFN
-from .tuners.registration import register_peft_types
+from .tuners.peft_patches import ROUTED_ADAPTER, ROUTED_FFN, apply_peft_patches
 from .tuners.routed_adapter import RoutedAdapterConfig, RoutedAdapterModel
 from .tuners.routed_ffn import RoutedFFNConfig, RoutedFFNModel
 
-register_peft_types()
-install_hub_hooks()
+apply_peft_patches()
 
 __version__ = "0.1.0"
 

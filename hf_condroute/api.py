@@ -9,7 +9,7 @@ from torch import nn
 
 from .routers.base import RoutingDecision
 from .step import RoutingStep
-from .tuners.model_state import ModelRoutingState
+from .context import ModelRoutingState
 
 
 def _state(model: nn.Module) -> ModelRoutingState:

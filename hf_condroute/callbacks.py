@@ -23,7 +23,7 @@ from transformers import DefaultFlowCallback, TrainerCallback
 from .api import _active_adapter, _state, block_name, get_routing, last_step
 from .routers.base import RoutingDecision
 from .stats import RoutingStats, RoutingStatsAccumulator, set_routing_stats
-from .tuners.model_state import ModelRoutingState
+from .context import ModelRoutingState
 
 PREFIX = "routing_"
 

@@ -11,7 +11,7 @@ beside each adapter's weights:
 and renders the routing part of `README.md` from `model_cards/routed_model_card.md`. The generated part sits
 between two HTML comments: a later save replaces only that part, and text a user wrote around it is kept.
 
-How it hooks in: PEFT has no save hook for tuners, so `install_hub_hooks()` (run on `import hf_condroute`)
+How it hooks in: PEFT has no save hook for tuners, so `tuners.peft_patches` (run on `import hf_condroute`)
 wraps three `PeftModel` methods, each a no-op for models without routed adapters:
 `save_pretrained` (writes the files above once PEFT has saved), `create_or_update_model_card` (Trainer's
 `create_model_card` and `push_to_hub` call it after writing their own README) and `_upload_modified_files`
@@ -409,18 +409,9 @@ def _wrap_upload(original):
     return _upload_modified_files
 
 
-def install_hub_hooks() -> None:
-    """Wrap PeftModel's save, card and upload methods (once) so routed adapters carry their statistics."""
-    from peft import PeftModel
-
-    for name, wrap in (
-        ("save_pretrained", _wrap_save),
-        ("create_or_update_model_card", _wrap_card),
-        ("_upload_modified_files", _wrap_upload),
-    ):
-        current = getattr(PeftModel, name)
-        if getattr(current, "_hf_condroute_hook", False):
-            continue
-        wrapped = wrap(current)
-        wrapped._hf_condroute_hook = True
-        setattr(PeftModel, name, wrapped)
+# PeftModel method -> its wrapper; `tuners.peft_patches.install_peft_model_hooks` applies them on import
+PEFT_MODEL_WRAPPERS = {
+    "save_pretrained": _wrap_save,
+    "create_or_update_model_card": _wrap_card,
+    "_upload_modified_files": _wrap_upload,
+}

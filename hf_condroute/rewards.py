@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .architectures import is_causal_lm
+
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, model=None) -> torch.Tensor:
     """Loss of every example (B,), matching what transformers' heads average.
@@ -16,7 +18,7 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, model=None) -> 
     config = getattr(model, "config", None)
     logits = logits.float()
     if logits.dim() == 3:
-        if _is_causal_lm(model, config):
+        if is_causal_lm(model):
             logits, labels = logits[:, :-1], labels[:, 1:]
         return mean_over_labelled(token_losses(logits, labels), labels)
     if logits.dim() == 2:
@@ -45,10 +47,3 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: fl
 def mean_over_labelled(token_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each example's mean token loss (B,) over its labelled tokens."""
     return token_loss.sum(dim=1) / labels.ne(-100).sum(dim=1).clamp(min=1)
-
-
-def _is_causal_lm(model, config) -> bool:
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    name = type(model).__name__
-    return "CausalLM" in name or "LMHead" in name

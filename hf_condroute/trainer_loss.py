@@ -21,7 +21,7 @@ from torch import nn
 
 from .api import routing_loss, set_reward
 from .rewards import mean_over_labelled, token_losses
-from .tuners.model_state import ModelRoutingState
+from .context import ModelRoutingState
 
 
 class RoutedTokenLoss:

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-import hf_condroute.experts as experts_mod
+import hf_condroute.experts.kernels as kernels_mod
+import hf_condroute.experts.strategies as strategies_mod
 from hf_condroute import ROUTERS, AdapterBank, RoutedBlock, RoutingConfig, RoutingInputs, build_router
 from hf_condroute.experts import (
     ExpertMLPWeights,
@@ -212,7 +213,7 @@ def test_grouped_linear_fallback_matches_grouped_mm(monkeypatch):
         return (out, plain, *torch.autograd.grad((out, plain), (a, b, bias, scale), (grad, grad)))
 
     fast = run()
-    monkeypatch.setitem(experts_mod._GROUPED_MM_OK, (a.device.type, a.device.index, a.dtype), False)
+    monkeypatch.setitem(kernels_mod._GROUPED_MM_OK, (a.device.type, a.device.index, a.dtype), False)
     loop = run()
     for x, y in zip(fast, loop):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
@@ -320,7 +321,7 @@ def test_routed_block_matches_reference_for_every_router(router, granularity, pa
     inputs = RoutingInputs(
         mask=mask if padded else None,
         tags=torch.tensor([0, 1, 2, 3, 1, 0]),
-        keys=torch.arange(6) * 7919,
+        keys=torch.arange(6) * 7919 if granularity == "example" else None,  # per token: the token ids
         token_ids=torch.arange(30).view(6, 5),
     )
     grad_out = torch.randn(6, 5, D, dtype=torch.float64)
@@ -351,8 +352,8 @@ def test_one_expert_for_every_row_runs_as_a_plain_mlp(length, monkeypatch):
     weights = torch.rand(7, 1, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(7, length, D, dtype=torch.float64)
     chosen = []
-    single = experts_mod._single_expert_mlp
-    monkeypatch.setattr(experts_mod, "_single_expert_mlp", lambda *a: chosen.append(1) or single(*a))
+    single = strategies_mod.STRATEGIES["single"]
+    monkeypatch.setitem(strategies_mod.STRATEGIES, "single", lambda *a: chosen.append(1) or single(*a))
     fast = grads_of(lambda: expert_mlp(x, experts, weights, bank.mlp_weights(), bank.act), bank, x, weights, grad_out)
     ref = grads_of(lambda: reference(bank, x, experts, weights), bank, x, weights, grad_out)
     assert chosen  # picked without being asked
@@ -362,3 +363,52 @@ def test_one_expert_for_every_row_runs_as_a_plain_mlp(length, monkeypatch):
     for bad in (torch.tensor([[4]] * 6 + [[1]]), torch.tensor([[4]] * 6 + [[-1]])):
         with pytest.raises(ValueError, match="strategy='single' needs"):
             expert_mlp(x, bad, weights, bank.mlp_weights(), bank.act, "single")
+
+
+class GatedBank(MLPExpertBank):
+    """Gated (GLU) experts, f_e(x) = post(silu(x @ g[e] + bg[e]) * (x @ u[e] + bu[e])) @ w[e] + b[e]."""
+
+    def __init__(self, n=N, dtype=torch.float64, post=None):
+        super().__init__()
+        torch.manual_seed(3)
+        self.num_experts, self.in_features, self.out_features = n, D, D
+        self.gate, self.up = (torch.nn.Parameter(torch.randn(n, D, H, dtype=dtype)) for _ in range(2))
+        self.gate_bias, self.up_bias = (torch.nn.Parameter(torch.randn(n, H, dtype=dtype)) for _ in range(2))
+        self.down = torch.nn.Parameter(torch.randn(n, H, D, dtype=dtype))
+        self.down_bias = torch.nn.Parameter(torch.randn(n, D, dtype=dtype))
+        self.act = torch.nn.functional.silu
+        self.post = post
+
+    def mlp_weights(self):
+        return ExpertMLPWeights(self.up, self.up_bias, self.down, self.down_bias, self.gate, self.gate_bias)
+
+    def reference(self, x, experts, weights):
+        out = torch.zeros(*x.shape[:-1], D, dtype=x.dtype)
+        for r in range(x.shape[0]):
+            for j in range(experts.shape[1]):
+                e = int(experts[r, j])
+                if e >= 0:
+                    h = self.act(x[r] @ self.gate[e] + self.gate_bias[e]) * (x[r] @ self.up[e] + self.up_bias[e])
+                    h = self.post(h) if self.post is not None else h
+                    out[r] = out[r] + weights[r, j] * (h @ self.down[e] + self.down_bias[e])
+        return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES + ["single"])
+@pytest.mark.parametrize("length,k", list(itertools.product([1, 5], [1, 2])))
+def test_gated_experts_run_through_every_strategy(strategy, length, k):
+    bank = GatedBank(post=lambda h: 0.5 * h)  # a post-activation step that must come after the gate's product
+    if strategy == "single":
+        if k > 1:
+            pytest.skip("one slot per row")
+        experts, weights = torch.full((7, 1), 2), torch.rand(7, 1, dtype=torch.float64)
+    else:
+        experts, weights = decision(7, k, seed=k + length, used=[0, 2, 3, 5])
+        weights = weights.double()
+    weights.requires_grad_()
+    x = torch.randn(7, length, D, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(7, length, D, dtype=torch.float64)
+    fast = grads_of(lambda: bank(x, experts, weights) if strategy is None else expert_mlp(
+        x, experts, weights, bank.mlp_weights(), bank.act, strategy, post=bank.post), bank, x, weights, grad_out)
+    ref = grads_of(lambda: bank.reference(x, experts, weights), bank, x, weights, grad_out)
+    assert_same(fast, ref, rtol=1e-10, atol=1e-10)

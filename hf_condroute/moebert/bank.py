@@ -1,5 +1,5 @@
-"""`FFNSliceBank`: N experts, each a slice of a dense FFN's neurons, stacked for the core's dispatch: plain FFNs are
-two-matmul experts (`expert_mlp`, which picks the fastest exact strategy), gated ones go through `dispatch`."""
+"""`FFNSliceBank`: N experts, each a slice of a dense FFN's neurons, stacked for the core's dispatch: plain and gated
+FFNs alike are two-matmul experts (`expert_mlp`, which picks the fastest exact strategy)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..experts import ExpertMLPWeights, MLPExpertBank, dispatch
+from ..experts import ExpertMLPWeights, MLPExpertBank
 from ..quantized import dequantized_weight
 from .layout import FFNParts
 
@@ -41,6 +41,7 @@ class FFNSliceBank(MLPExpertBank):
         # own copies: the bank must not share module objects with the dense FFN it replaces
         self.act = copy.deepcopy(activation) if isinstance(activation, nn.Module) else activation
         self.dropout = copy.deepcopy(dropout) if dropout is not None else None
+        self.post = self.dropout  # on the hidden units, after the activation (and the gate's product)
         n, d, e = num_experts, in_features, expert_dim
         self.wi = nn.Parameter(torch.zeros(n, d, e))
         self.bi = nn.Parameter(torch.zeros(n, e)) if in_bias else None
@@ -89,36 +90,8 @@ class FFNSliceBank(MLPExpertBank):
             self.bo.copy_(out.bias.expand(self.num_experts, -1))
         self.neuron_index.copy_(idx)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.wi.dtype
-
     def mlp_weights(self) -> ExpertMLPWeights:
-        return ExpertMLPWeights(self.wi, self.bi, self.wo, self.bo)
-
-    def hidden_activation(self, h: torch.Tensor) -> torch.Tensor:
-        """The FFN's activation, then its dropout."""
-        h = self.act(h)
-        return self.dropout(h) if self.dropout is not None else h
-
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if not self.gated:
-            return super().forward(x, experts, weights)
-        # gated: act(x @ wi_gate) * (x @ wi) is no two-matmul expert; one call per chosen expert
-        wi, wo, wg = self.wi.unbind(0), self.wo.unbind(0), self.wi_gate.unbind(0)  # one backward node each
-        bi = self.bi.unbind(0) if self.bi is not None else None
-        bo = self.bo.unbind(0) if self.bo is not None else None
-        bg = self.bi_gate.unbind(0) if self.bi_gate is not None else None
-
-        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
-            up, gate = rows @ wi[e], rows @ wg[e]
-            if bi is not None:
-                up, gate = up + bi[e], gate + bg[e]
-            h = self.act(gate) * up
-            y = (self.dropout(h) if self.dropout is not None else h) @ wo[e]
-            return y + bo[e] if bo is not None else y
-
-        return dispatch(x, experts, weights, self.num_experts, self.out_features, expert)
+        return ExpertMLPWeights(self.wi, self.bi, self.wo, self.bo, self.wi_gate, self.bi_gate)
 
     def extra_repr(self) -> str:
         return (

@@ -19,57 +19,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 
-
-@dataclass(frozen=True)
-class FFNLayout:
-    """Paths, from the module that holds the FFN, of its pieces.
-
-    entry: the module that receives the FFN's input and that the routed FFN replaces; whatever it outputs must
-        reach `out_proj` untouched (BERT's `intermediate` outputs act(dense(x)), which `output.dense` reads).
-    in_proj: the input projection, or (gate, up) for a gated FFN: act(gate(x)) * up(x).
-    out_proj: the output projection.
-    activation: path of the activation module (or function attribute), or a name in transformers' `ACT2FN`.
-    dropout: path of the dropout on the intermediate activations, if any.
-    """
-
-    entry: str
-    in_proj: tuple[str, ...]
-    out_proj: str
-    activation: str
-    dropout: Optional[str] = None
-
-
-_BERT = (FFNLayout("intermediate", ("intermediate.dense",), "output.dense", "intermediate.intermediate_act_fn"),)
-_T5 = (
-    FFNLayout(
-        "DenseReluDense",
-        ("DenseReluDense.wi_0", "DenseReluDense.wi_1"),
-        "DenseReluDense.wo",
-        "DenseReluDense.act",
-        "DenseReluDense.dropout",
-    ),
-    FFNLayout("DenseReluDense", ("DenseReluDense.wi",), "DenseReluDense.wo", "DenseReluDense.act", "DenseReluDense.dropout"),
-)
-_LLAMA = (FFNLayout("mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp.act_fn"),)
-
-# Candidate layouts by `config.model_type`; the first whose pieces exist wins (T5: gated, else plain).
-FFN_LAYOUTS: dict[str, tuple[FFNLayout, ...]] = {
-    "bert": _BERT,
-    "roberta": _BERT,
-    "xlm-roberta": _BERT,
-    "electra": _BERT,
-    "t5": _T5,
-    "mt5": _T5,
-    "umt5": _T5,
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-}
-
-# PEFT's default `target_modules` per model type: the entries.
-ROUTED_FFN_TARGET_MODULES: dict[str, list[str]] = {
-    model_type: sorted({layout.entry for layout in layouts}) for model_type, layouts in FFN_LAYOUTS.items()
-}
+from ..architectures import FFN_LAYOUTS, ROUTED_FFN_TARGET_MODULES, FFNLayout
 
 
 @dataclass

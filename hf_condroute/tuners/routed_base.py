@@ -15,7 +15,7 @@ from ..experts import ExpertBank
 from ..quantized import check_quantized_modules_to_save
 from ..routers import Router
 
-from .model_state import ModelRoutingState, warn_if_causal_example_routing
+from ..context import ModelRoutingState, warn_if_causal_example_routing
 from .shapes import check_adapter_shapes
 
 

@@ -7,27 +7,11 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from ...routing_config import RoutingConfig
+from ...architectures import ROUTED_ADAPTER_TARGET_MODULES  # noqa: F401  (re-exported)
 from ...experts import ACTIVATIONS
+from ...routing_config import RoutingConfig
 from ...validation import Choice, Flag, Integer, check_fields
-from ..peft_types import ROUTED_ADAPTER
-
-# After self-attention and after the feed-forward of every layer (paper A); not after cross-attention.
-ROUTED_ADAPTER_TARGET_MODULES: dict[str, list[str]] = {
-    "t5": ["SelfAttention.o", "DenseReluDense.wo"],
-    "mt5": ["SelfAttention.o", "DenseReluDense.wo"],
-    "umt5": ["SelfAttention.o", "DenseReluDense.wo"],
-    "bert": ["attention.output.dense", "output.dense"],
-    "roberta": ["attention.output.dense", "output.dense"],
-    "xlm-roberta": ["attention.output.dense", "output.dense"],
-    "electra": ["attention.output.dense", "output.dense"],
-    "distilbert": ["attention.out_lin", "ffn.lin2"],
-    "bart": ["self_attn.out_proj", "fc2"],
-    "mbart": ["self_attn.out_proj", "fc2"],
-    "llama": ["self_attn.o_proj", "mlp.down_proj"],
-    "mistral": ["self_attn.o_proj", "mlp.down_proj"],
-    "qwen2": ["self_attn.o_proj", "mlp.down_proj"],
-}
+from ..peft_patches import ROUTED_ADAPTER
 
 
 @dataclass

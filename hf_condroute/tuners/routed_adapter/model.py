@@ -6,9 +6,9 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..model_state import ModelRoutingState
+from ...context import ModelRoutingState
 from ..routed_base import RoutedTunerModel
-from .config import ROUTED_ADAPTER_TARGET_MODULES
+from ...architectures import ROUTED_ADAPTER_TARGET_MODULES
 from .layer import Linear, RoutedAdapterLayer
 
 

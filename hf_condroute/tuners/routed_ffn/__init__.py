@@ -1,4 +1,4 @@
-from ...moebert.layout import ROUTED_FFN_TARGET_MODULES
+from ...architectures import ROUTED_FFN_TARGET_MODULES
 from .config import RoutedFFNConfig
 from .layer import FFNOutputPassthrough, RoutedFFN, RoutedFFNLayer
 from .model import RoutedFFNModel

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ...moebert.convert import FFNConversion, plan_conversion
-from ...moebert.layout import ROUTED_FFN_TARGET_MODULES
-from ..model_state import ModelRoutingState
+from ...architectures import ROUTED_FFN_TARGET_MODULES
+from ...context import ModelRoutingState
 from ..routed_base import RoutedTunerModel
 from .layer import FFNOutputPassthrough, RoutedFFN, RoutedFFNLayer
 

@@ -1,4 +1,8 @@
-"""Routing information of a transformers model between forwards, filled by forward hooks.
+"""The routing context of a transformers model: what its routed blocks read in each forward, filled by hooks.
+
+The context flows one way: the model's pre-hook starts one `RoutingStep` per forward and records the inputs;
+routed layers read `inputs_for(...)`; the reading API (`hf_condroute.api`, statistics, callbacks) reads the step.
+Nothing here depends on PEFT: the tuners install it, and so can any other model that routes.
 
 A routed layer deep inside a model sees only its hidden states. What else routing needs, these hooks take
 from the calls they see, so it works through `PeftModel.forward`, `generate` (beam search included),
@@ -26,10 +30,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..block import RoutingInputs, masked_mean
-from ..hashing import content_keys
-from ..rewards import per_example_loss
-from ..step import RoutingStep
+from .architectures import hidden_size, is_causal_lm
+from .block import RoutingInputs, masked_mean
+from .hashing import content_keys
+from .rewards import per_example_loss
+from .step import RoutingStep
 
 ROUTING_KWARGS = ("routing_tags", "routing_keys")
 _STATE_ATTR = "_condroute_state"
@@ -52,9 +57,7 @@ def _cache_in_use(kwargs: dict) -> bool:
 
 def warn_if_causal_example_routing(model: nn.Module, config) -> None:
     """Per-example routing pools over the whole sequence: in a causal LM that includes tokens a position must not see."""
-    cfg = getattr(model, "config", None)
-    causal = cfg is not None and not getattr(cfg, "is_encoder_decoder", False) and "CausalLM" in type(model).__name__
-    if causal and getattr(config, "routing_granularity", "token") == "example":
+    if is_causal_lm(model) and getattr(config, "routing_granularity", "token") == "example":
         warnings.warn(
             f"{type(model).__name__} is a causal language model, but routing_granularity='example' routes every "
             "position on the mean of the whole sequence, future tokens included. Use routing_granularity='token' "
@@ -129,8 +132,7 @@ class ModelRoutingState:
             self._handles.append(encoder.register_forward_pre_hook(self._pre_encoder, with_kwargs=True))
             self._handles.append(encoder.register_forward_hook(self._post_encoder, with_kwargs=True))
             self._handles.append(decoder.register_forward_pre_hook(self._pre_decoder, with_kwargs=True))
-            config = model.config
-            self.encoder_hidden_size = getattr(config, "d_model", None) or getattr(config, "hidden_size", None)
+            self.encoder_hidden_size = hidden_size(model.config)
         if "forward" not in model.__dict__:
             method = types.FunctionType(
                 _forward_with_routing_kwargs.__code__, _forward_with_routing_kwargs.__globals__, "forward"
