@@ -30,6 +30,15 @@ def _windows(tokenizer, batch, max_length: int, stride: int):
     if stride >= max_length:
         raise ValueError(f"--doc_stride {stride} must be smaller than --max_seq_length {max_length}.")
     questions = [q.lstrip() for q in batch["question"]]  # some SQuAD questions start with spaces
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - stride
+    lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] >= room:
+        raise ValueError(
+            f"Question {batch['id'][longest]!r} has {lengths[longest]} tokens, which leaves a window no more context "
+            f"than the stride ({stride}) within --max_seq_length {max_length}. Raise --max_seq_length, lower "
+            "--doc_stride, or leave out (or shorten) questions that long."
+        )
     return tokenizer(
         questions, batch["context"], truncation="only_second", max_length=max_length, stride=stride,
         return_overflowing_tokens=True, return_offsets_mapping=True,

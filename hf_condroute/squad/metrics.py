@@ -15,6 +15,7 @@ way (v2.0's threshold sweep `best_*` is left out: predictions here come with the
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import re
 import string
@@ -105,6 +106,18 @@ def local_squad_scores(predictions: Sequence[Mapping], references: Sequence[Mapp
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _evaluate_metric(name: str):
+    """`evaluate.load(name)`, or None where it does not load; tried once per process (the Hub look-up is slow)."""
+    try:
+        import evaluate
+
+        return evaluate.load(name)
+    except Exception as err:  # no Hub and no cache: FileNotFoundError, ConnectionError, OSError, ...
+        logger.warning("evaluate.load(%r) is not available (%s: %s); computing SQuAD's scores locally.", name, type(err).__name__, err)
+        return None
+
+
 def squad_scores(
     predictions: Sequence[Mapping], references: Sequence[Mapping], version_2: bool = False, use_evaluate: bool = True
 ) -> dict:
@@ -112,14 +125,7 @@ def squad_scores(
     (`local_squad_scores`, the same formulas). The keys are V1_KEYS, or V2_KEYS (parts without questions left out)."""
     name = "squad_v2" if version_2 else "squad"
     _check(predictions, references)
-    metric = None
-    if use_evaluate:
-        try:
-            import evaluate
-
-            metric = evaluate.load(name)
-        except Exception as err:  # no Hub and no cache: FileNotFoundError, ConnectionError, OSError, ...
-            logger.info("evaluate.load(%r) is not available (%s: %s); computing SQuAD's scores locally.", name, type(err).__name__, err)
+    metric = _evaluate_metric(name) if use_evaluate else None
     if metric is None:
         return local_squad_scores(predictions, references, version_2)
     preds = [
