@@ -301,3 +301,30 @@ def test_distillation_trainer_keeps_the_qa_task_loss(tmp_path):
     expected = student.loss + 2.0 * distillation_loss(student, teacher, attention_mask=batch["attention_mask"])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert distillation_loss(student, teacher, attention_mask=batch["attention_mask"]) > 0
+
+
+def test_logit_gap_is_the_kl_and_agreement_over_real_tokens():
+    from peft import get_peft_model
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from hf_condroute import RoutedFFNConfig
+    from hf_condroute.moebert import logit_gap, teacher_outputs
+
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        initializer_range=0.5,  # logits large enough for a KL well above rounding
+    )  # fmt: skip
+    model = get_peft_model(BertForQuestionAnswering(config), RoutedFFNConfig(task_type="QUESTION_ANS", num_experts=4, top_k=1, init_weights=False)).eval()
+    batch = {"input_ids": torch.randint(1, 30, (3, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])}
+    gap = logit_gap(model, [batch])
+    dense, routed = teacher_outputs(model, batch), model(**batch)
+    for key in ("start_logits", "end_logits"):
+        kls, agree = [], 0
+        for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+            p = torch.softmax(getattr(dense, key)[i, :n], -1)
+            q = torch.softmax(getattr(routed, key)[i, :n], -1)
+            kls.append(float((p * (p.log() - q.log())).sum()))
+            agree += int(p.argmax() == q.argmax())
+        assert gap[key]["kl"] == pytest.approx(sum(kls) / 3, rel=1e-4) and gap[key]["kl"] > 0
+        assert gap[key]["top1_agreement"] == pytest.approx(agree / 3) and gap[key]["rows"] == 3
