@@ -251,7 +251,6 @@ class TaskRun:
     compute_metrics: Optional[Callable] = None  # the Trainer's (GLUE)
     regression: bool = False  # distil the logits with MSE (STS-B)
     answers: dict = field(default_factory=dict)  # SQuAD: {prefix: predicted answers}, for the teacher comparison
-    version_2: bool = False
 
 
 def glue_run(args: MoEBERTArguments, training_args, tokenizer) -> TaskRun:
@@ -311,7 +310,7 @@ def squad_run(args: MoEBERTArguments, training_args, tokenizer) -> TaskRun:
 
     return TaskRun(
         AutoModelForQuestionAnswering.from_pretrained, train_dataset, {version.name: inputs}, score,
-        version.hub_dataset, answers=answers, version_2=version.version_2,
+        version.hub_dataset, answers=answers,
     )  # fmt: skip
 
 
@@ -320,7 +319,7 @@ def output_fidelity(model, loader, batches: int, run: TaskRun, prefix: str) -> d
     gap = hidden_state_gap(model, loader, batches)
     gap["logits"] = logit_gap(model, loader, batches)
     if prefix in run.answers and "teacher" in run.answers:
-        gap["answers_vs_teacher"] = answer_agreement(run.answers[prefix], run.answers["teacher"], run.version_2)
+        gap["answers_vs_teacher"] = answer_agreement(run.answers[prefix], run.answers["teacher"])
     return gap
 
 

@@ -126,10 +126,10 @@ def test_squad_scores_uses_evaluate_where_it_loads(monkeypatch):
 
 
 def test_answer_agreement_against_the_teacher():
-    teacher = [pred("1", "red mat"), pred("2", "")]
-    student = [pred("1", "mat"), pred("2", "")]
-    # 1: p 1 r 1/2 -> F1 2/3, EM 0; 2: both no-answer -> 1, 1
-    assert answer_agreement(student, teacher) == pytest.approx({"exact": 50.0, "f1": 100 * (2 / 3 + 1) / 2})
+    teacher = [pred("1", "red mat"), pred("2", ""), pred("3", "the"), pred("4", "the")]
+    student = [pred("1", "mat"), pred("2", ""), pred("3", "a"), pred("4", "the cat")]
+    # 1: p 1 r 1/2 -> F1 2/3, EM 0; 2 and 3: both normalise to nothing -> 1, 1; 4: "cat" against nothing -> 0, 0
+    assert answer_agreement(student, teacher) == pytest.approx({"exact": 50.0, "f1": 100 * (2 / 3 + 2) / 4})
 
 
 # ---- answer extraction ---------------------------------------------------------------------------------------

@@ -138,14 +138,13 @@ def squad_scores(
     return {k: scores[k] for k in keys if k in scores}
 
 
-def answer_agreement(predictions: Sequence[Mapping], teacher_predictions: Sequence[Mapping], version_2: bool = False) -> dict:
-    """Exact match and F1 of `predictions` against another model's answers (e.g. the dense teacher's) taken as
-    the only gold answer of each question; with version_2 a teacher's "" is a no-answer to agree with."""
+def answer_agreement(predictions: Sequence[Mapping], teacher_predictions: Sequence[Mapping]) -> dict:
+    """Exact match and F1 of `predictions` against another model's answers (e.g. the dense teacher's), each the
+    only gold answer of its question, with v2.0's rules: a teacher's answer that normalises to nothing ("", "the",
+    ".") is a no-answer, agreed with by any prediction that normalises to nothing (v1.1's rule would score such a
+    pair EM 1 but F1 0)."""
     references = [
-        {"id": p["id"], "answers": {"text": [p["prediction_text"]] if p["prediction_text"] else [], "answer_start": []}}
-        for p in teacher_predictions
+        {"id": p["id"], "answers": {"text": [p["prediction_text"]], "answer_start": [0]}} for p in teacher_predictions
     ]
-    if not version_2 and any(not r["answers"]["text"] for r in references):
-        version_2 = True  # an empty teacher answer can only be agreed with as a no-answer
-    scores = local_squad_scores(predictions, references, version_2)
-    return {"exact": scores.get("exact", scores.get("exact_match")), "f1": scores["f1"]}
+    scores = local_squad_scores(predictions, references, version_2=True)
+    return {"exact": scores["exact"], "f1": scores["f1"]}
