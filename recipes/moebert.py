@@ -1,9 +1,11 @@
-"""MoEBERT on a GLUE task (paper B section 4.2 and S7): a BERT fine-tuned on the task is turned into a mixture
-of experts and distilled from itself, on one or many processes.
+"""MoEBERT on a GLUE task or SQuAD v1.1 / v2.0 (paper B section 4.2, Table 2 and S7): a BERT fine-tuned on the
+task is turned into a mixture of experts and distilled from itself, on one or many processes.
 
     accelerate launch recipes/moebert.py --model_name_or_path textattack/bert-base-uncased-RTE --task rte \\
         --router moesart --trimmed_lasso_coef 0.01 --expert_dim 768 --shared_neurons 512 --output_dir runs/rte_moesart
     python recipes/moebert.py --model_name_or_path my_bert_rte --data_dir my_glue --task rte --router top_k ...
+    accelerate launch recipes/moebert.py --model_name_or_path my_bert_squad --task squad --router moesart \\
+        --max_seq_length 384 --doc_stride 128 --num_train_epochs 4 --output_dir runs/squad_moesart
 
 The three steps of MoEBERT's code (Zuo et al. 2022), as paper B ran them:
 1. the importance of every feed-forward neuron on the task's training data (`hf_condroute.moebert.importance_scores`);
@@ -11,13 +13,18 @@ The three steps of MoEBERT's code (Zuo et al. 2022), as paper B ran them:
    most important in all of them (`RoutedFFNConfig`, a PEFT method: the dense weights stay, frozen);
 3. distillation with the Trainer: task loss + `--distill_coef` x (MSE of every layer's hidden states + KL of the
    logits, MSE for STS-B) against the same model with its adapters disabled, i.e. the dense teacher.
-Only the experts, routers and classifier train (the rest is the teacher's). Evaluation uses GLUE's official
-metric of the task; `all_results.json` has the teacher's, the converted model's (before distillation) and the
-distilled model's metrics, how far their hidden states are from the teacher's, and routing statistics.
+Only the experts, routers and classifier (QA: span head) train (the rest is the teacher's). Evaluation uses
+the task's official metric: GLUE's, or SQuAD's exact match / F1 (`hf_condroute.squad`: windows with a stride
+over long contexts, n-best answer extraction with a maximum answer length and, for v2.0, the no-answer
+threshold); `all_results.json` has the teacher's, the converted model's (before distillation) and the distilled
+model's metrics, how far their hidden states and logits are from the teacher's (for SQuAD also their answers),
+and routing statistics. For SQuAD the KL term covers the start and the end logits.
 
 Every `TrainingArguments` flag works as usual (`--eval_strategy epoch --load_best_model_at_end
 --metric_for_best_model <metric>` picks the best epoch, as paper B did). `--data_dir` is a folder of
-`save_to_disk` GLUE tasks named by the Hub's config names; without it `nyu-mll/glue` is loaded from the Hub.
+`save_to_disk` GLUE tasks named by the Hub's config names; without it `nyu-mll/glue` is loaded from the Hub. For
+SQuAD it is a `save_to_disk` copy of `rajpurkar/squad` / `rajpurkar/squad_v2` (or a folder holding one named
+`squad` / `squad_v2`); without it the Hub's is loaded.
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import transformers
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import (
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -45,7 +53,18 @@ from hf_condroute import RoutedFFNConfig, RoutingConfig, RoutingStatsCallback
 from hf_condroute.cli import run_recipe, usage_errors
 from hf_condroute.distributed import SyncRouterStatisticsCallback, all_reduce_, check_process_count
 from hf_condroute.glue import get_task, glue_average, load_glue, take, task_metrics
-from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores, plan_conversion
+from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores, logit_gap, plan_conversion
+from hf_condroute.squad import (
+    SQUAD_VERSIONS,
+    answer_agreement,
+    eval_features,
+    extract_answers,
+    get_squad_version,
+    load_squad,
+    model_inputs,
+    squad_scores,
+    train_features,
+)
 from hf_condroute.stats import compute_routing_stats
 
 logger = logging.getLogger(__name__)
@@ -56,9 +75,13 @@ class MoEBERTArguments:
     model_name_or_path: str = field(
         metadata={"help": "A BERT-like classifier fine-tuned on the task (Hub name or folder): the teacher."}
     )
-    task: str = field(default="rte", metadata={"help": "GLUE task (Hub config name): cola sst2 mrpc qqp stsb mnli qnli rte."})
+    task: str = field(
+        default="rte",
+        metadata={"help": "GLUE task (Hub config name: cola sst2 mrpc qqp stsb mnli qnli rte), or squad / squad_v2."},
+    )
     data_dir: Optional[str] = field(
-        default=None, metadata={"help": "Folder with one `save_to_disk` DatasetDict per task; default: nyu-mll/glue."}
+        default=None,
+        metadata={"help": "Folder with one `save_to_disk` DatasetDict per task (SQuAD: or the DatasetDict itself); default: the Hub."},
     )
     router: str = field(default="top_k", metadata={"help": "A router of hf_condroute.ROUTERS (paper B: top_k, moesart)."})
     num_experts: int = field(default=4, metadata={"help": "Experts per FFN (MoEBERT: 4)."})
@@ -81,7 +104,22 @@ class MoEBERTArguments:
     fidelity_batches: int = field(default=8, metadata={"help": "Evaluation batches for the hidden-state comparison."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "First N training rows."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "First N rows of each evaluation set."})
-    max_seq_length: int = field(default=128, metadata={"help": "Inputs are truncated to this many tokens."})
+    max_seq_length: Optional[int] = field(
+        default=None, metadata={"help": "Inputs are truncated (SQuAD: windowed) to this many tokens; default 128, SQuAD 384."}
+    )
+    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens shared by neighbouring windows of a long context."})
+    n_best_size: int = field(default=20, metadata={"help": "SQuAD: start and end candidates per window."})
+    max_answer_length: int = field(default=30, metadata={"help": "SQuAD: longest answer, in tokens."})
+    null_score_diff_threshold: float = field(
+        default=0.0, metadata={"help": "SQuAD v2.0: no answer when the null score beats the best span by more than this."}
+    )
+    use_evaluate: bool = field(
+        default=True, metadata={"help": "SQuAD: score with `evaluate`'s squad metric where it loads (else the same formulas locally)."}
+    )
+
+    def __post_init__(self):
+        if self.max_seq_length is None:
+            self.max_seq_length = 384 if self.task in SQUAD_VERSIONS else 128
 
 
 @dataclass
@@ -111,7 +149,17 @@ def routing_fields(args: MoEBERTArguments) -> dict:
 
 def check_arguments(args: MoEBERTArguments) -> None:
     """Every mistake in the flags, found before any data or model is loaded."""
-    get_task(args.task)
+    if args.task in SQUAD_VERSIONS:
+        get_squad_version(args.task)
+        if args.doc_stride >= args.max_seq_length:
+            raise ValueError(
+                f"--doc_stride {args.doc_stride} must be smaller than --max_seq_length {args.max_seq_length}: it is how "
+                "many tokens neighbouring windows of a long context share."
+            )
+        if args.n_best_size < 1 or args.max_answer_length < 1:
+            raise ValueError(f"--n_best_size ({args.n_best_size}) and --max_answer_length ({args.max_answer_length}) must be >= 1.")
+    else:
+        get_task(args.task)
     RoutingConfig(**routing_fields(args)).validate_routing()
     if args.expert_dim is not None and args.shared_neurons > args.expert_dim:
         raise ValueError(
@@ -137,7 +185,7 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple[MoEBERTArguments,
 def ffn_config(args: MoEBERTArguments, importance) -> RoutedFFNConfig:
     return RoutedFFNConfig(
         **routing_fields(args),
-        task_type="SEQ_CLS",
+        task_type="QUESTION_ANS" if args.task in SQUAD_VERSIONS else "SEQ_CLS",
         expert_dim=args.expert_dim,
         shared_neurons=args.shared_neurons,
         importance=importance,
@@ -191,23 +239,99 @@ def evaluate_all(trainer, eval_sets: dict, prefix: str) -> tuple[dict, float]:
     return metrics, glue_average(per_set)
 
 
-def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArguments):
-    """Load (and check) the data, convert, distil, evaluate; returns (trainer, results)."""
+@dataclass
+class TaskRun:
+    """What differs between a GLUE task and SQuAD: the teacher's class, the data the Trainer sees (model inputs)
+    and how a model is scored: score(trainer, prefix) -> (metrics, summary results)."""
+
+    model_class: Callable
+    train_dataset: object
+    eval_sets: dict
+    score: Callable
+    hub_dataset: str
+    compute_metrics: Optional[Callable] = None  # the Trainer's (GLUE)
+    regression: bool = False  # distil the logits with MSE (STS-B)
+    answers: dict = field(default_factory=dict)  # SQuAD: {prefix: predicted answers}, for the teacher comparison
+
+
+def glue_run(args: MoEBERTArguments, training_args, tokenizer) -> TaskRun:
     task = get_task(args.task)
     with training_args.main_process_first(desc="loading GLUE"):
         raw = load_glue([task], args.data_dir)[task.name]
-
-    set_seed(training_args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=task.num_labels)
-    plan = plan_conversion(model, ffn_config(args, None))  # unknown architecture or bad sizes: fail before any work
-
     with training_args.main_process_first(desc="tokenizing"):
         train_dataset = tokenize(task, take(raw[task.train_split], args.max_train_samples), tokenizer, args.max_seq_length)
         eval_sets = {
             name: tokenize(task, take(raw[split], args.max_eval_samples), tokenizer, args.max_seq_length)
             for name, split in task.eval_splits
         }
+
+    def score(trainer, prefix: str):
+        metrics, glue_score = evaluate_all(trainer, eval_sets, prefix)
+        return metrics, {f"{prefix}_glue_score": glue_score}
+
+    def model_class(path):
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels)
+
+    return TaskRun(
+        model_class, train_dataset, eval_sets, score, "nyu-mll/glue", compute_metrics=glue_metrics(task),
+        regression=task.is_regression,
+    )  # fmt: skip
+
+
+def squad_run(args: MoEBERTArguments, training_args, tokenizer) -> TaskRun:
+    """SQuAD's windows for training and evaluation; a model is scored on its extracted answers with the official
+    exact match and F1 (keys `<prefix>_<task>_exact_match` / `_f1`, v2.0: `_exact`, `_f1`, `_HasAns_*`, ...)."""
+    version = get_squad_version(args.task)
+    with training_args.main_process_first(desc="loading SQuAD"):
+        raw = load_squad(version.name, args.data_dir)
+    examples = take(raw[version.eval_split], args.max_eval_samples)
+    with training_args.main_process_first(desc="tokenizing"):
+        train_dataset = train_features(
+            take(raw[version.train_split], args.max_train_samples), tokenizer, args.max_seq_length, args.doc_stride
+        )
+        features = eval_features(examples, tokenizer, args.max_seq_length, args.doc_stride)
+    inputs = model_inputs(features)
+    windows = features.select_columns(["example_id", "offset_mapping"]).to_list()
+    questions = examples.select_columns(["id", "context"]).to_list()
+    references = examples.select_columns(["id", "answers"]).to_list()
+    answers: dict = {}
+
+    def score(trainer, prefix: str):
+        output = trainer.predict(inputs, metric_key_prefix=prefix)
+        start_logits, end_logits = output.predictions[:2]
+        answers[prefix] = extract_answers(
+            questions, windows, start_logits, end_logits, n_best=args.n_best_size,
+            max_answer_length=args.max_answer_length, version_2=version.version_2,
+            null_threshold=args.null_score_diff_threshold,
+        )  # fmt: skip
+        scores = squad_scores(answers[prefix], references, version.version_2, use_evaluate=args.use_evaluate)
+        metrics = {**output.metrics, **{f"{prefix}_{version.name}_{k}": v for k, v in scores.items()}}
+        trainer.log(metrics)
+        return metrics, {}
+
+    return TaskRun(
+        AutoModelForQuestionAnswering.from_pretrained, train_dataset, {version.name: inputs}, score,
+        version.hub_dataset, answers=answers,
+    )  # fmt: skip
+
+
+def output_fidelity(model, loader, batches: int, run: TaskRun, prefix: str) -> dict:
+    """Hidden states and logits against the teacher's; for SQuAD also the answers (EM / F1 against the teacher's)."""
+    gap = hidden_state_gap(model, loader, batches)
+    gap["logits"] = logit_gap(model, loader, batches)
+    if prefix in run.answers and "teacher" in run.answers:
+        gap["answers_vs_teacher"] = answer_agreement(run.answers[prefix], run.answers["teacher"])
+    return gap
+
+
+def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArguments):
+    """Load (and check) the data, convert, distil, evaluate; returns (trainer, results)."""
+    set_seed(training_args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    run = (squad_run if args.task in SQUAD_VERSIONS else glue_run)(args, training_args, tokenizer)
+    model = run.model_class(args.model_name_or_path)
+    plan = plan_conversion(model, ffn_config(args, None))  # unknown architecture or bad sizes: fail before any work
+    train_dataset, eval_sets = run.train_dataset, run.eval_sets
     collator = DataCollatorWithPadding(tokenizer)
 
     scores = neuron_importance(args, training_args, model, train_dataset, collator)
@@ -222,26 +346,29 @@ def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArg
         train_dataset=train_dataset,
         processing_class=tokenizer,
         data_collator=collator,
-        compute_metrics=glue_metrics(task),
+        compute_metrics=run.compute_metrics,
         callbacks=[SyncRouterStatisticsCallback()],
         distill_coef=args.distill_coef,
-        regression=task.is_regression,
+        regression=run.regression,
     )
     first_set, fidelity_data = next(iter(eval_sets.items()))
     fidelity_loader = DataLoader(fidelity_data, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator)
 
     results: dict = {}
     with model.disable_adapter():
-        teacher, results["teacher_glue_score"] = evaluate_all(trainer, eval_sets, "teacher")
+        teacher, summary = run.score(trainer, "teacher")
+        results.update(summary)
     RoutingStatsCallback().attach(trainer)  # after the teacher's evaluation, which routes nothing
-    converted, results["converted_glue_score"] = evaluate_all(trainer, eval_sets, "converted")
-    fidelity = {"converted": hidden_state_gap(model, fidelity_loader, args.fidelity_batches)}
+    converted, summary = run.score(trainer, "converted")
+    results.update(summary)
+    fidelity = {"converted": output_fidelity(model, fidelity_loader, args.fidelity_batches, run, "converted")}
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     trainer.save_state()
-    final, results["eval_glue_score"] = evaluate_all(trainer, eval_sets, "eval")
-    fidelity["distilled"] = hidden_state_gap(model, fidelity_loader, args.fidelity_batches)
+    final, summary = run.score(trainer, "eval")
+    results.update(summary)
+    fidelity["distilled"] = output_fidelity(model, fidelity_loader, args.fidelity_batches, run, "eval")
 
     # routing statistics over the first evaluation set, each process its exact share (the Trainer's evaluation
     # pads the last batch across processes with repeated examples)
@@ -253,7 +380,7 @@ def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArg
     results["routing"] = stats.to_dict()
     some = next(iter(plan.values()))
     results["routing_setup"] = {
-        "task": task.name,
+        "task": args.task,
         "router": peft_config.router,
         "num_experts": some.neuron_index.shape[0],
         "top_k": peft_config.top_k,
@@ -266,7 +393,7 @@ def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArg
     }
     trainer.save_metrics("all", results, combined=False)  # all_results.json, on the main process
     if training_args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=args.model_name_or_path, dataset="nyu-mll/glue", tags=["hf_condroute", "moebert"])
+        trainer.push_to_hub(finetuned_from=args.model_name_or_path, dataset=run.hub_dataset, tags=["hf_condroute", "moebert"])
     return trainer, results
 
 

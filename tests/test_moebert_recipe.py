@@ -18,8 +18,9 @@ from hf_condroute.glue import get_task, task_metrics
 EVAL_ROWS = 6
 
 
-def save_tiny_bert(model_dir: str, num_labels: int) -> str:
-    """A randomly initialised 2-layer BERT classifier and a word-level tokenizer with BERT's special tokens."""
+def save_tiny_bert(model_dir: str, num_labels: int, model_class=None) -> str:
+    """A randomly initialised 2-layer BERT classifier (or `model_class`, e.g. BertForQuestionAnswering) and a
+    word-level tokenizer with BERT's special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
@@ -38,7 +39,7 @@ def save_tiny_bert(model_dir: str, num_labels: int) -> str:
         vocab_size=tokenizer.get_vocab_size(), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=32, num_labels=num_labels, initializer_range=0.2,
     )
-    BertForSequenceClassification(config).save_pretrained(model_dir)
+    (model_class or BertForSequenceClassification)(config).save_pretrained(model_dir)
     return model_dir
 
 

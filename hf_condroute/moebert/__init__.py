@@ -13,8 +13,10 @@ _LAZY = {
     "distillation_loss": "distill",
     "hidden_state_loss": "distill",
     "logit_loss": "distill",
+    "span_logit_loss": "distill",
     "teacher_outputs": "distill",
     "hidden_state_gap": "fidelity",
+    "logit_gap": "fidelity",
 }
 
 
@@ -41,8 +43,10 @@ __all__ = [
     "hidden_state_gap",
     "hidden_state_loss",
     "importance_scores",
+    "logit_gap",
     "logit_loss",
     "match_importance",
     "plan_conversion",
+    "span_logit_loss",
     "teacher_outputs",
 ]

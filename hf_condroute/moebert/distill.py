@@ -3,6 +3,9 @@
 loss = task loss + distill_coef * (sum over layers of MSE(student hidden, teacher hidden)
                                    + KL(teacher || student) on the logits, or MSE for regression)
 
+For question answering (outputs with `start_logits` / `end_logits`) the logit term is the mean of the KL of the
+start and of the end distributions over each window's tokens, as the task loss averages the two.
+
 as MoEBERT (Zuo et al. 2022, eq. 7) distils BERT into its MoE version. Hidden states are compared on
 non-padding tokens; the embedding output, which no routed FFN touches, is left out.
 
@@ -97,6 +100,25 @@ def logit_loss(
     return kl.mean()
 
 
+def span_logit_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """KL(teacher || student) of a span-boundary distribution (QA start or end logits, (batch, length)) over each
+    window's non-padding tokens, times temperature^2, averaged over windows."""
+    s, t = student_logits.float(), teacher_logits.float()
+    if attention_mask is not None:
+        pad = attention_mask[:, -s.shape[1]:] == 0
+        # both sides get (near) zero probability on padding, where the KL then adds exactly 0
+        s, t = s.masked_fill(pad, torch.finfo(s.dtype).min), t.masked_fill(pad, torch.finfo(t.dtype).min)
+    return logit_loss(s, t, regression=False, temperature=temperature)
+
+
+SPAN_LOGITS = ("start_logits", "end_logits")
+
+
 def distillation_loss(
     student,
     teacher,
@@ -108,7 +130,8 @@ def distillation_loss(
 ) -> torch.Tensor:
     """MoEBERT's distillation term (without the task loss): hidden-state MSE of every layer plus the logit KL
     (or MSE for regression). Per-token logits (token classification, seq2seq, LM) are compared where `labels` is
-    not -100, else where the attention mask is set."""
+    not -100, else where the attention mask is set; question answering's start and end logits by
+    `span_logit_loss`, their mean."""
     loss = hidden_state_loss(student, teacher, attention_mask, decoder_attention_mask)
     s_logits = getattr(student, "logits", None)
     t_logits = getattr(teacher, "logits", None)
@@ -120,6 +143,10 @@ def distillation_loss(
             else:
                 mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
         loss = loss + logit_loss(s_logits, t_logits, regression, temperature, mask)
+    spans = [k for k in SPAN_LOGITS if getattr(student, k, None) is not None and getattr(teacher, k, None) is not None]
+    if spans:
+        kl = [span_logit_loss(getattr(student, k), getattr(teacher, k), attention_mask, temperature) for k in spans]
+        loss = loss + sum(kl) / len(kl)
     return loss
 
 
@@ -129,7 +156,8 @@ class DistillationTrainer(Trainer):
     The model must be the PEFT model of a `RoutedFFNConfig`: with adapters disabled it is its own teacher. Each
     training step runs the teacher (no gradient, eval mode), then the student with hidden states, and minimises
     task loss (with the routing auxiliary losses) + distill_coef * `distillation_loss`. Without labels the task loss
-    is left out. Evaluation uses the plain task loss, so evaluation losses compare with the dense model's.
+    is left out (labels are `labels`, or what the Trainer's `label_names` says: QA's start and end positions).
+    Evaluation uses the plain task loss, so evaluation losses compare with the dense model's.
     """
 
     def __init__(self, *args, distill_coef: float = 1.0, distill_temperature: float = 1.0, regression: Optional[bool] = None, **kwargs):
@@ -147,7 +175,7 @@ class DistillationTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs)
         teacher = teacher_outputs(self.accelerator.unwrap_model(model), inputs)
         student_inputs = {**inputs, "output_hidden_states": True}
-        if "labels" in inputs:
+        if any(inputs.get(name) is not None for name in {"labels", *self.label_names}):  # or QA's start/end positions
             task, outputs = super().compute_loss(model, student_inputs, return_outputs=True)
         else:
             outputs = model(**student_inputs)

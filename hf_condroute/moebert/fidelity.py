@@ -1,5 +1,6 @@
 """How far a routed FFN model is from its dense self: the same inputs through the PEFT model with adapters
-disabled (the dense teacher) and enabled, compared layer by layer."""
+disabled (the dense teacher) and enabled, compared layer by layer (`hidden_state_gap`) and at the output logits
+(`logit_gap`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from accelerate.utils import send_to_device
 
-from .distill import _hidden_states, teacher_outputs
+from .distill import SPAN_LOGITS, _hidden_states, teacher_outputs
 from .modes import eval_mode
 
 
@@ -80,4 +81,63 @@ def hidden_state_gap(model: nn.Module, dataloader: Iterable, max_batches: Option
         "pooled_cosine": cosine / examples,
         "tokens": tokens,
         "examples": examples,
+    }
+
+
+def _logit_rows(key: str, logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The distributions of one logit output as rows (examples, or tokens, or QA windows), over the last axis."""
+    logits = logits.float()
+    if key in SPAN_LOGITS:  # a window's distribution over its tokens: padding gets no probability
+        return logits if mask is None else logits.masked_fill(mask[:, -logits.shape[1]:] == 0, torch.finfo(logits.dtype).min)
+    if logits.dim() == 3:  # per-token logits: the non-padding tokens
+        keep = mask[:, -logits.shape[1]:].bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool)
+        return logits[keep.to(logits.device)]
+    return logits.reshape(-1, logits.shape[-1])
+
+
+@torch.no_grad()
+def logit_gap(model: nn.Module, dataloader: Iterable, max_batches: Optional[int] = None) -> dict:
+    """How far the routed model's output logits are from the dense model's (adapters disabled), in eval mode.
+
+    For each logit output the model gives (`logits`; for question answering `start_logits` and `end_logits`,
+    each a distribution over a window's non-padding tokens):
+        kl: mean over rows (examples, tokens or windows) of KL(dense || routed) of the softmax distributions;
+        top1_agreement: share of rows where both pick the same class / token;
+        rows: how many rows. A single-output regression head gets `mse` instead of both.
+    """
+    device = next(model.parameters()).device
+    sums: dict = {}
+    batches = 0
+    with eval_mode(model):
+        for batch in dataloader:
+            if max_batches is not None and batches >= max_batches:
+                break
+            inputs = send_to_device(dict(batch), device)
+            dense = teacher_outputs(model, inputs, eval_mode=False)
+            routed = model(**inputs)
+            for key in ("logits", *SPAN_LOGITS):
+                r, d = getattr(routed, key, None), getattr(dense, key, None)
+                if r is None or d is None:
+                    continue
+                regression = key == "logits" and r.shape[-1] == 1
+                acc = sums.setdefault(key, {"kl": 0.0, "agree": 0.0, "sq": 0.0, "rows": 0, "regression": regression})
+                if regression:
+                    acc["sq"] += float((r.float() - d.float()).pow(2).sum())
+                    acc["rows"] += r.numel()
+                    continue
+                r, d = _logit_rows(key, r, inputs.get("attention_mask")), _logit_rows(key, d, inputs.get("attention_mask"))
+                kl = F.kl_div(F.log_softmax(r, -1), F.log_softmax(d, -1), log_target=True, reduction="none").sum(-1)
+                acc["kl"] += float(kl.sum())
+                acc["agree"] += float((r.argmax(-1) == d.argmax(-1)).sum())
+                acc["rows"] += r.shape[0]
+            batches += 1
+    if batches == 0:
+        raise ValueError("The dataloader gave no batch: nothing to compare.")
+    if not sums:
+        raise ValueError("The model returned no `logits`, `start_logits` or `end_logits`: nothing to compare.")
+    return {
+        key: {"mse": acc["sq"] / acc["rows"], "rows": acc["rows"]}
+        if acc["regression"]
+        else {"kl": acc["kl"] / acc["rows"], "top1_agreement": acc["agree"] / acc["rows"], "rows": acc["rows"]}
+        for key, acc in sums.items()
     }
