@@ -109,6 +109,12 @@ class RoutedBlock(nn.Module):
                 f"The router of block {name or '<unnamed>'} routes to {router.num_experts} experts but its bank has "
                 f"{experts.num_experts}."
             )
+        if router.merges_experts and not getattr(experts, "can_merge", False):
+            raise ValueError(
+                f"Router {router.name!r} of block {name or '<unnamed>'} averages its experts' parameters, but "
+                f"{type(experts).__name__} cannot merge them (only banks of two-matmul experts can). Use another "
+                "router with this bank."
+            )
         self.router = router
         self.experts = experts
         self.granularity = granularity
@@ -182,7 +188,10 @@ class RoutedBlock(nn.Module):
                 weights = inputs.step.attach(self.record_key, record, decision)
             else:
                 inputs.step.record(self.record_key, record)
-        out = self.experts(rows, decision.experts, weights)
+        if self.router.merges_experts:  # SMEAR: the weights average the chosen experts' parameters
+            out = self.experts(rows, decision.experts, weights, merge=True)
+        else:
+            out = self.experts(rows, decision.experts, weights)
         if row_mask is not None and not every_token:
             full = out.new_zeros(batch, length, out.shape[-1])
             full[row_mask] = out.squeeze(1)

@@ -77,6 +77,13 @@ class RoutingConfig:
     )
     xmoe_dim: Optional[int] = field(default=None, metadata={"check": Integer(1, optional=True), "help": "X-MoE routing dimension; None: max(2, N // 2)."})
     xmoe_temperature: float = field(default=0.3, metadata={"check": Real(0, low_open=True), "help": "X-MoE initial (learnable) temperature."})
+    smear_expert_dropout: float = field(
+        default=0.0,
+        metadata={
+            "check": Real(0, high=1, high_open=True),
+            "help": "SMEAR: probability of dropping each expert from a row's merge in training (its code: 0.1).",
+        },
+    )
     moesart_replacement: bool = field(
         default=False, metadata={"check": Flag(), "help": "MOESART samples with replacement (the paper's default is without)."}
     )
@@ -113,6 +120,11 @@ class RoutingConfig:
             raise ValueError(
                 f"Router {self.router!r} needs top_k >= {cls.min_top_k} (got {self.top_k}): "
                 f"{cls.min_top_k_reason} Set top_k={cls.min_top_k} or more."
+            )
+        if cls.per_example_only and self.routing_granularity == "token":
+            raise ValueError(
+                f"Router {self.router!r} routes per example only: {cls.per_example_only_reason} Set "
+                "routing_granularity='example' (or use `softmax` for a dense per-token mixture)."
             )
         if self.gumbel_temperature_start < self.gumbel_temperature_min:
             raise ValueError(

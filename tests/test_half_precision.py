@@ -26,10 +26,13 @@ TUNERS = {"adapter": "routed_adapter_block", "ffn": "routed_ffn_block"}
 
 def routed_config(tuner: str, family: str, router: str):
     common = dict(num_experts=4, router=router, top_k=top_k_for(router))
+    per_example_only = hf_condroute.routers.router_class(router).per_example_only
     if tuner == "adapter":
         # a causal LM routes per token; the encoder models per example
-        granularity = "token" if family == "llama" else "example"
+        granularity = "token" if family == "llama" and not per_example_only else "example"
         return RoutedAdapterConfig(adapter_dim=8, routing_granularity=granularity, **common)
+    if per_example_only:
+        common["routing_granularity"] = "example"
     return RoutedFFNConfig(init_weights=False, **common)  # experts from the FFN's neurons in index order
 
 

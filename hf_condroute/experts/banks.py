@@ -3,7 +3,8 @@
 The contract every bank keeps (the routed block relies on nothing else):
 - `num_experts`, `in_features`, `out_features`, and `dtype` (the dtype its inputs are cast to);
 - forward(x (R, ..., in_features), experts (R, k) with -1 for an empty slot, weights (R, k)) ->
-  sum_j weights[:, j] * f_{experts[:, j]}(x), shaped (R, ..., out_features), computing only the chosen experts.
+  sum_j weights[:, j] * f_{experts[:, j]}(x), shaped (R, ..., out_features), computing only the chosen experts;
+  with `merge=True` (SMEAR), the one expert whose parameters are the weighted average, or a clear refusal.
 
 Two-matmul experts (bottleneck adapters, FFN slices; gated or not) subclass `MLPExpertBank`: set `act` (and
 `post`, e.g. a dropout) and return their stacked weights from `mlp_weights()`; `expert_mlp` then owns the
@@ -29,28 +30,31 @@ class ExpertBank(nn.Module):
     num_experts: int
     in_features: int
     out_features: int
+    can_merge: bool = False  # forward(..., merge=True) runs the parameter-averaged expert (the `smear` router)
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the bank's weights, which its inputs are cast to."""
         return next(p for p in self.parameters() if p.is_floating_point()).dtype
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False) -> torch.Tensor:
         raise NotImplementedError
+
 
 
 class MLPExpertBank(ExpertBank):
     """A bank of two-matmul experts, plain or gated: subclasses set `act` (and `post`) and implement
     `mlp_weights()`; the dispatch is `expert_mlp`'s."""
 
+    can_merge = True
     act: Callable[[torch.Tensor], torch.Tensor]
     post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # on the hidden units after `act` (dropout)
 
     def mlp_weights(self) -> ExpertMLPWeights:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return expert_mlp(x, experts, weights, self.mlp_weights(), self.act, post=self.post)
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False) -> torch.Tensor:
+        return expert_mlp(x, experts, weights, self.mlp_weights(), self.act, post=self.post, merge=merge)
 
 
 class AdapterBank(MLPExpertBank):
@@ -103,12 +107,14 @@ class AdapterBank(MLPExpertBank):
 class EmbeddingBank(ExpertBank):
     """Experts that output a learned vector whatever their input (the DAE-Syn decoder's subnetworks)."""
 
+    can_merge = True  # a constant expert is linear in its parameters: the merged vector is the mixture of vectors
+
     def __init__(self, num_experts: int, out_features: int, in_features: int = 0):
         super().__init__()
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.embeddings = nn.Parameter(torch.randn(num_experts, out_features))
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False) -> torch.Tensor:
         valid = (experts >= 0).unsqueeze(-1)
         vectors = self.embeddings[experts.clamp(min=0)] * valid  # (R, k, D)
         out = (weights.unsqueeze(-1).to(vectors.dtype) * vectors).sum(dim=1)

@@ -29,8 +29,10 @@ def expert_mlp(
     act: Callable[[torch.Tensor], torch.Tensor],
     strategy: Optional[str] = None,
     post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    merge: bool = False,
 ) -> torch.Tensor:
-    """sum_j weights[:, j] * f_{experts[:, j]}(x) for rows x (R, ..., D), experts and weights (R, k) (-1: empty slot).
+    """sum_j weights[:, j] * f_{experts[:, j]}(x) for rows x (R, ..., D), experts and weights (R, k) (-1: empty slot);
+    with `merge`, f(x; sum_j weights[:, j] * theta_{experts[:, j]}) instead (SMEAR's merged expert).
 
     `act` is the nonlinearity (on the gate's pre-activation for gated experts), `post` what follows it on the
     hidden units (a dropout). `strategy` forces one of `STRATEGIES` (for tests and benchmarks; 'single' only where
@@ -46,6 +48,8 @@ def expert_mlp(
         )
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"Unknown dispatch strategy {strategy!r}; use one of {', '.join(map(repr, STRATEGIES))}.")
+    if merge != (strategy == "merged") and strategy is not None:
+        raise ValueError("strategy='merged' computes the merged expert: use it with merge=True, and only then.")
     out_features = mlp.w2.shape[2]
     # no reshape of a 3-D x: its gradient would then be a view, which autograd cannot accumulate in place
     seq = x if x.dim() == 3 else x.reshape(x.shape[0], -1, d)  # (R, T, D)
@@ -64,7 +68,9 @@ def expert_mlp(
             "strategy='single' needs every row to have exactly one slot, all naming the same expert; "
             "leave strategy=None to pick one that fits this decision."
         )
-    if strategy is None:
+    if merge:
+        strategy = "merged"
+    elif strategy is None:
         strategy = "single" if one_expert else choose_strategy(rows, length, width, assignments, mlp)
 
     def hidden(pre: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:

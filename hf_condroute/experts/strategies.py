@@ -168,5 +168,33 @@ def grouped(seq, experts, weights, mlp: ExpertMLPWeights, hidden: Hidden, counte
     return combine_rows(out.view(n_assign, length, -1), g, rows)
 
 
-# name -> strategy; `single` only applies where every row has one slot naming the same expert
-STRATEGIES: dict[str, Callable] = {"single": single, "dense": dense, "per_row": per_row, "grouped": grouped}
+def merged(seq, experts, weights, mlp: ExpertMLPWeights, hidden: Hidden, counted):
+    """SMEAR: each row's weights average the experts' parameters, and the one merged expert runs on the row:
+    f(x; sum_i w_i theta_i), which differs from the mixture of outputs for nonlinear experts. The merge is one
+    (R, N) @ (N, |theta|) matmul per tensor; the row then runs as `per_row` does, with one slot."""
+    rows = seq.shape[0]
+    n = mlp.w1.shape[0]
+    dense_w = dense_weights(experts, weights, n)  # (R, N)
+
+    def merge(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else (dense_w @ t.reshape(n, -1)).view(rows, *t.shape[1:])
+
+    def first(w, b):
+        w, b = merge(w), merge(b)
+        return torch.bmm(seq, w) if b is None else torch.baddbmm(b.unsqueeze(1), seq, w)
+
+    gate = first(mlp.w_gate, mlp.b_gate) if mlp.gated else None
+    h = hidden(first(mlp.w1, mlp.b1), gate)
+    w2, b2 = merge(mlp.w2), merge(mlp.b2)
+    return torch.bmm(h, w2) if b2 is None else torch.baddbmm(b2.unsqueeze(1), h, w2)
+
+
+# name -> strategy; `single` only applies where every row has one slot naming the same expert, `merged` is asked
+# for by routers that average parameters (never chosen by the cost model: it computes a different function)
+STRATEGIES: dict[str, Callable] = {
+    "single": single,
+    "dense": dense,
+    "per_row": per_row,
+    "grouped": grouped,
+    "merged": merged,
+}

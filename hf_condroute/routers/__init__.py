@@ -12,6 +12,7 @@ from .gumbel import STGumbelRouter
 from .heuristic import HashRouter, MonolithicRouter, TagRouter
 from .moesart import MoesartRouter
 from .reinforce import ReinforceRouter
+from .smear import SmearRouter
 from .softmax import SoftmaxRouter
 from .top_k import SMoERouter, TopKRouter, VMoERouter, XMoERouter
 
@@ -56,6 +57,7 @@ for _cls in (
     ExpertChoiceRouter,
     XMoERouter,
     MoesartRouter,
+    SmearRouter,
 ):
     register_router(_cls)
 

@@ -67,6 +67,9 @@ class Router(nn.Module):
     needs_keys: ClassVar[bool] = False
     needs_reward: ClassVar[bool] = False
     default_jitter: ClassVar[float] = 0.0
+    merges_experts: ClassVar[bool] = False  # weights average the experts' parameters, not their outputs (SMEAR)
+    per_example_only: ClassVar[bool] = False  # refuses routing_granularity="token", for `per_example_only_reason`
+    per_example_only_reason: ClassVar[str] = ""
 
     def __init__(self, in_features: int, num_experts: int, config: RoutingConfig, block_name: str = ""):
         super().__init__()
