@@ -182,7 +182,7 @@ class RoutedBlock(nn.Module):
                 weights = inputs.step.attach(self.record_key, record, decision)
             else:
                 inputs.step.record(self.record_key, record)
-        out = self.experts(rows, decision.experts, weights)
+        out = self.experts(rows, self.router.bank_experts(decision.experts), weights)
         if row_mask is not None and not every_token:
             full = out.new_zeros(batch, length, out.shape[-1])
             full[row_mask] = out.squeeze(1)

@@ -86,7 +86,9 @@ def test_every_router_trains_t5(router):
     assert len(routing) == 8
     k = {"softmax": 4, "tag": 1, "hash": 1, "monolithic": 1}.get(router, top_k_for(router))
     decision = next(iter(routing.values()))
-    if router != "expert_choice":
+    if hf_condroute.routers.router_class(router).variable_width:
+        assert decision.experts.shape[0] == 4 and decision.experts.shape[1] <= 4
+    else:
         assert decision.experts.shape == (4, k)
     assert decision.probs.shape[0] == 4
 
