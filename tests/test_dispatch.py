@@ -320,7 +320,7 @@ def test_routed_block_matches_reference_for_every_router(router, granularity, pa
     inputs = RoutingInputs(
         mask=mask if padded else None,
         tags=torch.tensor([0, 1, 2, 3, 1, 0]),
-        keys=torch.arange(6) * 7919,
+        keys=torch.arange(6) * 7919 if granularity == "example" else None,  # per token: the token ids
         token_ids=torch.arange(30).view(6, 5),
     )
     grad_out = torch.randn(6, 5, D, dtype=torch.float64)
