@@ -11,6 +11,7 @@ from .block import RoutedBlock, RoutingInputs
 from .callbacks import RoutingStatsCallback
 from .experts import AdapterBank, EmbeddingBank, ExpertBank
 from .hub import save_routing_stats
+from .local_search import LocalSearchCallback, LocalSearchResult, local_search, relabel_experts
 from .metrics import active_subnetworks, focus_cover, routing_focus_cover, tag_presence
 from .routers import ROUTERS, Router, RoutingDecision, build_router, register_router
 from .routing_config import RoutingConfig
@@ -33,6 +34,10 @@ __all__ = [
     "ExpertBank",
     "active_subnetworks",
     "focus_cover",
+    "LocalSearchCallback",
+    "LocalSearchResult",
+    "local_search",
+    "relabel_experts",
     "routing_focus_cover",
     "tag_presence",
     "RoutedAdapterConfig",

@@ -188,10 +188,11 @@ class RoutedBlock(nn.Module):
                 weights = inputs.step.attach(self.record_key, record, decision)
             else:
                 inputs.step.record(self.record_key, record)
+        bank_experts = self.router.bank_experts(decision.experts)  # router labels -> bank experts (local search)
         if self.router.merges_experts:  # SMEAR: the weights average the chosen experts' parameters
-            out = self.experts(rows, decision.experts, weights, merge=True)
+            out = self.experts(rows, bank_experts, weights, merge=True)
         else:
-            out = self.experts(rows, decision.experts, weights)
+            out = self.experts(rows, bank_experts, weights)
         if row_mask is not None and not every_token:
             full = out.new_zeros(batch, length, out.shape[-1])
             full[row_mask] = out.squeeze(1)

@@ -87,6 +87,47 @@ class RoutingConfig:
     moesart_replacement: bool = field(
         default=False, metadata={"check": Flag(), "help": "MOESART samples with replacement (the paper's default is without)."}
     )
+    dselect_gamma: float = field(
+        default=1.0,
+        metadata={"check": Real(0, low_open=True),
+            "help": "DSelect-k: width gamma of the smooth-step on each selector bit (Hazimeh et al. 2021; their default "
+            "1). A bit outside (-gamma/2, gamma/2) is saturated: exactly 0 or 1, with no gradient."
+        },
+    )
+    dselect_entropy_coef: float = field(
+        default=0.1,
+        metadata={"check": Real(0),
+            "help": "DSelect-k: weight of the entropy regulariser, mean over rows of the sum over the k selectors of "
+            "H(r) (H(q) = -sum q log(q + 1e-6)); it drives each selector to one expert, and so the gate to <= k "
+            "computed experts. 0 turns it off (the reference's default); paper B's grids span 0.05..10."
+        },
+    )
+    dselect_reach_coef: float = field(
+        default=1.0,
+        metadata={"check": Real(0),
+            "help": "DSelect-k with N not a power of two: weight of the mean over rows of sum over selectors of "
+            "1 / (mass on real experts + 1e-6), which pushes selectors off the unused codes (reference weight 1)."
+        },
+    )
+    comet_gamma: float = field(
+        default=1.0,
+        metadata={"check": Real(0, low_open=True), "help": "COMET: width gamma of the smooth-step at each tree split (Ibrahim et al. 2023)."},
+    )
+    comet_entropy_coef: float = field(
+        default=0.1,
+        metadata={"check": Real(0),
+            "help": "COMET: weight of the mean over rows of the sum over the k trees of the entropy of each tree's "
+            "leaf distribution; it drives every split to 0/1, and so the gate to <= k computed experts."
+        },
+    )
+    expert_permutation: bool = field(
+        default=False,
+        metadata={"check": Flag(),
+            "help": "Every router gets a saved output-to-expert map (identity at first) that "
+            "`hf_condroute.local_search` / `LocalSearchCallback` search by swaps (COMET's permutation local search; "
+            "usable with any router)."
+        },
+    )
     tag_to_expert: Optional[list[int]] = field(
         default=None, metadata={"check": ExpertList(optional=True), "help": "Tag i routes to expert tag_to_expert[i] (tag router and tag supervision)."}
     )
@@ -126,6 +167,15 @@ class RoutingConfig:
                 f"Router {self.router!r} routes per example only: {cls.per_example_only_reason} Set "
                 "routing_granularity='example' (or use `softmax` for a dense per-token mixture)."
             )
+        if not cls.softmax_logits:
+            for name, value, default in (("router_z_loss_coef", self.router_z_loss_coef, 0.0),
+                                         ("router_temperature", self.router_temperature, 1.0)):
+                if value != default:
+                    raise ValueError(
+                        f"Router {self.router!r} is a gate without softmax logits (its weights come from smooth-steps), "
+                        f"so {name}={value} has nothing to act on. Set {name}={default}; its sparsity is steered by "
+                        "its gamma and entropy coefficient."
+                    )
         if self.gumbel_temperature_start < self.gumbel_temperature_min:
             raise ValueError(
                 "ST-Gumbel anneals its temperature down: gumbel_temperature_min must be <= gumbel_temperature_start, "

@@ -29,7 +29,7 @@ def rows(r: int = 16, seed: int = 0) -> torch.Tensor:
 
 def test_registry_names():
     expected = {"tag", "hash", "monolithic", "top_k", "st_gumbel", "reinforce", "softmax", "v_moe", "smoe",
-                "expert_choice", "x_moe", "moesart", "smear"}
+                "expert_choice", "x_moe", "moesart", "smear", "dselect_k", "comet"}
     assert set(ROUTERS) == expected
 
 

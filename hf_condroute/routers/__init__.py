@@ -7,6 +7,8 @@ for a block.
 from __future__ import annotations
 
 from .base import Router, RouterNetwork, RoutingDecision
+from .comet import CometRouter
+from .dselect_k import DSelectKRouter
 from .expert_choice import ExpertChoiceRouter
 from .gumbel import STGumbelRouter
 from .heuristic import HashRouter, MonolithicRouter, TagRouter
@@ -58,6 +60,8 @@ for _cls in (
     XMoERouter,
     MoesartRouter,
     SmearRouter,
+    DSelectKRouter,
+    CometRouter,
 ):
     register_router(_cls)
 

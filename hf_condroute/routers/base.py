@@ -24,8 +24,11 @@ class RoutingDecision:
 
     experts: LongTensor (R, k), -1 marks an empty slot (Expert Choice gives rows different counts).
     weights: (R, k) multipliers of the chosen experts' outputs (0 in empty slots).
-    probs:   (R, N) the router's distribution (one-hot for heuristic routers).
-    logits:  (R, N) router logits, None for heuristic routers.
+    probs:   (R, N) the router's distribution (one-hot for heuristic routers; the gate weights of `dselect_k` and
+             `comet`, which sum to less than 1 for DSelect-k with N not a power of two until its selectors saturate).
+    logits:  the router's differentiable scores, from which `Router.routing_probs` and its auxiliary losses are
+             computed: (R, N) softmax logits, or for gate routers (`softmax_logits = False`) their own
+             pre-activations (R, width); None for heuristic routers.
     baseline: (R,) REINFORCE's learned baseline, else None.
     """
 
@@ -70,6 +73,11 @@ class Router(nn.Module):
     merges_experts: ClassVar[bool] = False  # weights average the experts' parameters, not their outputs (SMEAR)
     per_example_only: ClassVar[bool] = False  # refuses routing_granularity="token", for `per_example_only_reason`
     per_example_only_reason: ClassVar[str] = ""
+    # decision.logits are (R, N) softmax logits of probs; False: the router's own pre-activations (gates), on which
+    # `routing_probs` is overridden and z-loss and a logit temperature are refused
+    softmax_logits: ClassVar[bool] = True
+    # the number of slots per row depends on the data (-1 marks empty slots), not fixed at top_k
+    variable_width: ClassVar[bool] = False
 
     def __init__(self, in_features: int, num_experts: int, config: RoutingConfig, block_name: str = ""):
         super().__init__()
@@ -87,6 +95,16 @@ class Router(nn.Module):
         self.jitter = self.default_jitter if jitter is None else jitter
         if self.learned:
             self.network = self.build_network(in_features, num_experts, config)
+        if config.expert_permutation:
+            # router output j is computed by bank expert expert_map[j]; `hf_condroute.local_search` searches it
+            self.register_buffer("expert_map", torch.arange(self.num_experts))
+
+    def bank_experts(self, experts: torch.Tensor) -> torch.Tensor:
+        """The bank's experts for a decision's experts (the same without `expert_permutation`); -1 stays -1."""
+        expert_map = getattr(self, "expert_map", None)
+        if expert_map is None:
+            return experts
+        return torch.where(experts >= 0, expert_map[experts.clamp(min=0)], experts)
 
     # ----- learned routers -------------------------------------------------------------------------
     def build_network(self, in_features: int, num_experts: int, config: RoutingConfig) -> nn.Module:
@@ -136,6 +154,10 @@ class Router(nn.Module):
             )
         return torch.where(known, self.tag_to_expert[tags.clamp(min=0)], torch.full_like(tags, -100))
 
+    def routing_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The (R, N) distribution that `decision.logits` encode (differentiably): their softmax by default."""
+        return logits.softmax(dim=-1)
+
     # ----- auxiliary losses -----------------------------------------------------------------------
     def loss_coefficients(self) -> dict[str, float]:
         """Weighted auxiliary terms this router adds; zero-weight terms are left out."""
@@ -161,13 +183,14 @@ class Router(nn.Module):
         """The weighted auxiliary losses of one decision, as functions of its logits (and baseline)."""
         coefs = self.loss_coefficients()
         terms: dict[str, torch.Tensor] = {}
-        probs = logits.softmax(dim=-1)
+        probs = self.routing_probs(logits)
         if "load_balance" in coefs:
             terms["load_balance"] = coefs["load_balance"] * losses.load_balancing_loss(probs, experts, self.num_experts)
         if "z_loss" in coefs:
             terms["z_loss"] = coefs["z_loss"] * losses.router_z_loss(logits)
         if "tag_supervision" in coefs and targets is not None:
-            terms["tag_supervision"] = coefs["tag_supervision"] * losses.tag_supervision_loss(logits, targets)
+            scores = logits if self.softmax_logits else probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+            terms["tag_supervision"] = coefs["tag_supervision"] * losses.tag_supervision_loss(scores, targets)
         if "trimmed_lasso" in coefs:
             terms["trimmed_lasso"] = coefs["trimmed_lasso"] * losses.trimmed_lasso_loss(probs, self.top_k)
         return terms
