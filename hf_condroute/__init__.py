@@ -12,6 +12,7 @@ from .callbacks import RoutingStatsCallback
 from .experts import AdapterBank, EmbeddingBank, ExpertBank
 from .hub import save_routing_stats
 from .local_search import LocalSearchCallback, LocalSearchResult, local_search, relabel_experts
+from .multigate import MultiGateBlock
 from .metrics import active_subnetworks, focus_cover, routing_focus_cover, tag_presence
 from .routers import ROUTERS, Router, RoutingDecision, build_router, register_router
 from .routing_config import RoutingConfig
@@ -44,6 +45,7 @@ __all__ = [
     "RoutedAdapterModel",
     "RoutedFFNConfig",
     "RoutedFFNModel",
+    "MultiGateBlock",
     "RoutedBlock",
     "Router",
     "RoutingConfig",

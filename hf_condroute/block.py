@@ -93,6 +93,21 @@ def select_tags(tags: Optional[torch.Tensor], group: int, block: str) -> Optiona
     )
 
 
+@dataclass
+class RoutedRows:
+    """One forward's rows: per example (rows = the examples, features their pooled inputs) or per token (rows = the
+    non-padding tokens, `row_example` the example of each, `row_mask` where they sit in (batch, length))."""
+
+    rows: torch.Tensor  # (R, T, D) what the bank runs on
+    features: torch.Tensor  # (R, D') what the router sees
+    keys: Optional[torch.Tensor]  # (R,) hash keys
+    batch: int
+    length: int
+    row_example: Optional[torch.Tensor] = None
+    row_mask: Optional[torch.Tensor] = None
+    every_token: bool = False
+
+
 # every parameter and buffer of a block's router (network, REINFORCE baseline, BatchNorm statistics) has this in
 # its name: the block holds its router as `self.router`
 ROUTER_KEY = ".router."
@@ -123,82 +138,93 @@ class RoutedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: Optional[RoutingInputs] = None) -> torch.Tensor:
         inputs = inputs or RoutingInputs()
+        r = self.routed_rows(x, inputs)
+        decision, weights = self.decide(self.router, self.record_key, r, inputs)
+        return self.scatter(self.run_experts(self.router, r, decision, weights), r, x)
+
+    # ----- the phases of a forward, shared with MultiGateBlock ------------------------------------------------
+    def routed_rows(self, x: torch.Tensor, inputs: RoutingInputs) -> "RoutedRows":
+        """The rows the bank runs on and the routing features, keys and row bookkeeping the routers see."""
         seq = x if x.dim() == 3 else x.reshape(x.shape[0], 1, x.shape[-1])
         batch, length = seq.shape[0], seq.shape[1]
         name = self.name
         dev = x.device
-        tags = select_tags(inputs.tags, self.router.config.tag_group, name)
-        tags = match_rows(tags, batch, "routing_tags", name, dev, repeat=False)
         mask = match_rows(inputs.mask, batch, "attention_mask", name, dev)
         if self.granularity == "example":
             pooled = match_rows(inputs.pooled, batch, "the encoder's pooled output", name, dev)
-            features = pooled if pooled is not None else masked_mean(seq, mask)
             if inputs.keys is not None and inputs.keys.dim() != 1:
                 raise ValueError(
                     f"routing_keys has shape {tuple(inputs.keys.shape)}, but block {name or '<unnamed>'} routes per "
                     "example: give one key per example, shape (batch,). (batch, tokens) keys are for "
                     "routing_granularity='token'."
                 )
-            keys = match_rows(inputs.keys, batch, "routing_keys", name, dev)
-            decision = self.router(features, tags=tags, keys=keys, step=inputs.step.id if inputs.step else None)
-            row_example, row_mask, rows = None, None, seq
-            row_tags = tags
-            every_token = False
-        else:
-            row_mask = (
-                torch.ones(batch, length, dtype=torch.bool, device=x.device)
-                if mask is None
-                else mask[:, -length:].bool()
+            return RoutedRows(
+                rows=seq,
+                features=pooled if pooled is not None else masked_mean(seq, mask),
+                keys=match_rows(inputs.keys, batch, "routing_keys", name, dev),
+                batch=batch,
+                length=length,
             )
-            token_ids = match_rows(inputs.token_ids, batch, "input_ids", name, dev)
-            token_ids = token_ids[:, -length:] if token_ids is not None else None
-            if inputs.keys is not None:
-                token_ids = self._token_keys(inputs.keys, batch, length, dev)
-            # every token a row (no padding): views in token order, not a gather and a scatter of the whole sequence
-            every_token = mask is None or bool(row_mask.all())
-            if every_token:
-                row_example = torch.arange(batch, device=x.device).repeat_interleave(length)
-                rows = seq.reshape(batch * length, 1, -1)  # (M, 1, D)
-                keys = token_ids.reshape(-1) if token_ids is not None else None
-            else:
-                row_example = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, length)[row_mask]
-                rows = seq[row_mask].unsqueeze(1)
-                keys = token_ids[row_mask] if token_ids is not None else None
-            row_tags = tags[row_example] if tags is not None else None
-            decision = self.router(rows.squeeze(1), tags=row_tags, keys=keys, step=inputs.step.id if inputs.step else None)
-        if tags is None and self.training and self.router.learned and self.router.config.tag_supervision_coef > 0:
+        row_mask = torch.ones(batch, length, dtype=torch.bool, device=dev) if mask is None else mask[:, -length:].bool()
+        token_ids = match_rows(inputs.token_ids, batch, "input_ids", name, dev)
+        token_ids = token_ids[:, -length:] if token_ids is not None else None
+        if inputs.keys is not None:
+            token_ids = self._token_keys(inputs.keys, batch, length, dev)
+        # every token a row (no padding): views in token order, not a gather and a scatter of the whole sequence
+        every_token = mask is None or bool(row_mask.all())
+        if every_token:
+            row_example = torch.arange(batch, device=dev).repeat_interleave(length)
+            rows = seq.reshape(batch * length, 1, -1)  # (M, 1, D)
+            keys = token_ids.reshape(-1) if token_ids is not None else None
+        else:
+            row_example = torch.arange(batch, device=dev).unsqueeze(1).expand(batch, length)[row_mask]
+            rows = seq[row_mask].unsqueeze(1)
+            keys = token_ids[row_mask] if token_ids is not None else None
+        return RoutedRows(rows, rows.squeeze(1), keys, batch, length, row_example, row_mask, every_token)
+
+    def decide(self, router: Router, record_key, r: "RoutedRows", inputs: RoutingInputs):
+        """router's decision on the rows, recorded under `record_key`; returns it and the combine weights (which
+        carry the auxiliary losses' gradients in training)."""
+        name = self.name
+        tags = select_tags(inputs.tags, router.config.tag_group, name)
+        tags = match_rows(tags, r.batch, "routing_tags", name, r.rows.device, repeat=False)
+        row_tags = tags[r.row_example] if tags is not None and r.row_example is not None else tags
+        supervised = router.learned and router.config.tag_supervision_coef > 0
+        if tags is None and self.training and supervised:
             raise ValueError(
                 f"Block {name or '<unnamed>'} has tag_supervision_coef > 0 but got no `routing_tags` in training: pass "
                 "`routing_tags=` (-100 for examples without a tag), or set tag_supervision_coef=0."
             )
+        decision = router(r.features, tags=row_tags, keys=r.keys, step=inputs.step.id if inputs.step else None)
         weights = decision.weights
         if inputs.step is not None:
-            targets = None
-            if row_tags is not None and self.router.learned and self.router.config.tag_supervision_coef > 0:
-                targets = self.router.tag_targets(row_tags)
             record = RoutingRecord(
-                router=self.router,
+                router=router,
                 decision=_detached(decision),
-                row_example=row_example,
-                targets=targets,
-                batch_shape=(batch,) if row_mask is None else (batch, length),
-                row_mask=row_mask,
+                row_example=r.row_example,
+                targets=router.tag_targets(row_tags) if row_tags is not None and supervised else None,
+                batch_shape=(r.batch,) if r.row_mask is None else (r.batch, r.length),
+                row_mask=r.row_mask,
             )
             if self.training:
-                weights = inputs.step.attach(self.record_key, record, decision)
+                weights = inputs.step.attach(record_key, record, decision)
             else:
-                inputs.step.record(self.record_key, record)
-        bank_experts = self.router.bank_experts(decision.experts)  # router labels -> bank experts (local search)
-        if self.router.merges_experts:  # SMEAR: the weights average the chosen experts' parameters
-            out = self.experts(rows, bank_experts, weights, merge=True)
-        else:
-            out = self.experts(rows, bank_experts, weights)
-        if row_mask is not None and not every_token:
-            full = out.new_zeros(batch, length, out.shape[-1])
-            full[row_mask] = out.squeeze(1)
+                inputs.step.record(record_key, record)
+        return decision, weights
+
+    def run_experts(self, router: Router, r: "RoutedRows", decision: RoutingDecision, weights: torch.Tensor):
+        bank_experts = router.bank_experts(decision.experts)  # router labels -> bank experts (local search)
+        if router.merges_experts:  # SMEAR: the weights average the chosen experts' parameters
+            return self.experts(r.rows, bank_experts, weights, merge=True)
+        return self.experts(r.rows, bank_experts, weights)
+
+    def scatter(self, out: torch.Tensor, r: "RoutedRows", x: torch.Tensor) -> torch.Tensor:
+        """The bank's row outputs back in x's layout (zeros at padding tokens)."""
+        if r.row_mask is not None and not r.every_token:
+            full = out.new_zeros(r.batch, r.length, out.shape[-1])
+            full[r.row_mask] = out.squeeze(1)
             out = full
         return out.reshape(*x.shape[:-1], out.shape[-1])
-
 
     def _token_keys(self, keys: torch.Tensor, batch: int, length: int, device) -> torch.Tensor:
         """A user's per-token hash keys (B, L), which must match this block's tokens one for one."""
