@@ -47,7 +47,7 @@ class LoopAdapterBank(AdapterBank):
     """The same bank through the generic per-expert `dispatch` (sort, one call per expert, combine): what
     a bank without a grouped kernel gets."""
 
-    def forward(self, x, experts, weights):
+    def forward(self, x, experts, weights, merge=False):
         down_w, down_b = self.down_weight.unbind(0), self.down_bias.unbind(0)
         up_w, up_b = self.up_weight.unbind(0), self.up_bias.unbind(0)
 
@@ -64,7 +64,7 @@ class ForcedStrategyBank(AdapterBank):
         super().__init__(*args, **kwargs)
         self.strategy = strategy
 
-    def forward(self, x, experts, weights):
+    def forward(self, x, experts, weights, merge=False):
         return expert_mlp(x, experts, weights, self.mlp_weights(), self.act, strategy=self.strategy)
 
 
@@ -83,7 +83,7 @@ class FixedDecisionBank(nn.Module):
 
 
 def routed(d: int, adapter_dim: int, router: str, n: int, k: int, granularity="example", bank_cls=AdapterBank, **kw):
-    config = RoutingConfig(router=router, num_experts=n, top_k=k, routing_granularity=granularity)
+    config = RoutingConfig(router=router, num_experts=n, top_k=k, routing_granularity=granularity, **kw.pop("routing", {}))
     config.validate_routing()
     r = build_router(config, d, "bench")
     bank = bank_cls(r.num_experts, d, adapter_dim, init_weights=False, **kw)
@@ -102,6 +102,9 @@ def variants(d: int, h: int, batch: int) -> dict[str, tuple[nn.Module, str]]:
         "top_k N=64 k=2": (routed(d, h, "top_k", 64, 2), "per example"),
         "expert_choice N=8 k=1": (routed(d, h, "expert_choice", 8, 1), "per example, rows get 0..N experts"),
         "softmax N=8 (dense)": (routed(d, h, "softmax", 8, 1), "every expert runs"),
+        "smear N=8": (routed(d, h, "smear", 8, 1), "per example, one merged expert"),
+        "dselect_k N=8 k=2": (routed(d, h, "dselect_k", 8, 2), "per example, experts with weight > 0 (dense early)"),
+        "comet N=8 k=2": (routed(d, h, "comet", 8, 2), "per example, experts with weight > 0 (dense early)"),
         "top_k N=8 k=1 per token": (routed(d, h, "top_k", 8, 1, "token"), "each token routed"),
         "top_k N=64 k=1 per token": (routed(d, h, "top_k", 64, 1, "token"), "each token routed"),
         "top_k N=8 k=1, grouped forced": (
