@@ -16,10 +16,8 @@ Only experts with non-zero weight are computed, which is exact for the reason gi
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .base import Router, RoutingDecision
-from .smooth_step import entropy_sum, nonzero_experts, smooth_step
+from .smooth_step import SmoothGateNetwork, SmoothStepGate, entropy_sum, smooth_step
 
 
 def leaf_paths(num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,33 +69,8 @@ def tree_gates(probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return s.reshape(rows, k * n).softmax(dim=-1).reshape(rows, k, n).sum(dim=1)
 
 
-class CometNetwork(nn.Module):
-    """BatchNorm (optional), then one Linear to the k*(N-1) split pre-activations and the k*N leaf scores."""
-
-    def __init__(self, in_features: int, num_experts: int, k: int, gamma: float, batchnorm: bool, init_std=None):
-        super().__init__()
-        self.norm = nn.BatchNorm1d(in_features) if batchnorm else nn.Identity()
-        self.proj = nn.Linear(in_features, k * (2 * num_experts - 1))
-        splits = k * (num_experts - 1)
-        with torch.no_grad():
-            if init_std is not None:
-                nn.init.normal_(self.proj.weight, std=init_std)
-                nn.init.zeros_(self.proj.bias)
-            else:
-                # the authors' code: splits start inside the cubic region (+-gamma/100), leaf scores +-0.05
-                self.proj.weight[:splits].uniform_(-gamma / 100, gamma / 100)
-                self.proj.bias[:splits].uniform_(-gamma / 100, gamma / 100)
-                self.proj.weight[splits:].uniform_(-0.05, 0.05)
-                self.proj.bias[splits:].zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(x))
-
-
-class CometRouter(Router):
+class CometRouter(SmoothStepGate):
     name = "comet"
-    softmax_logits = False
-    variable_width = True
 
     def __init__(self, in_features, num_experts, config, block_name=""):
         super().__init__(in_features, num_experts, config, block_name)
@@ -108,8 +81,11 @@ class CometRouter(Router):
         self.register_buffer("path_dirs", dirs, persistent=False)
 
     def build_network(self, in_features, num_experts, config):
-        return CometNetwork(
-            in_features, num_experts, self.top_k, config.comet_gamma, config.router_batchnorm, config.router_init_std
+        # k*(N-1) split pre-activations, then k*N leaf scores
+        k = self.top_k
+        return SmoothGateNetwork(
+            in_features, k * (2 * num_experts - 1), k * (num_experts - 1), config.comet_gamma, config.router_batchnorm,
+            config.router_init_std,
         )
 
     def trees(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,11 +97,6 @@ class CometRouter(Router):
 
     def routing_probs(self, logits: torch.Tensor) -> torch.Tensor:
         return tree_gates(*self.trees(logits))
-
-    def select(self, logits: torch.Tensor, x: torch.Tensor) -> RoutingDecision:
-        gates = self.routing_probs(logits)
-        experts, weights = nonzero_experts(gates)
-        return RoutingDecision(experts=experts, weights=weights, probs=gates, logits=logits)
 
     def loss_coefficients(self) -> dict[str, float]:
         coefs = super().loss_coefficients()
@@ -140,6 +111,3 @@ class CometRouter(Router):
             probs, _ = self.trees(logits)
             terms["comet_entropy"] = coefs["comet_entropy"] * entropy_sum(probs).sum(dim=-1).mean()
         return terms
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gamma={self.gamma}"

@@ -18,10 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from .base import Router, RoutingDecision
-from .smooth_step import ENTROPY_EPS, entropy_sum, nonzero_experts, smooth_step
+from .smooth_step import ENTROPY_EPS, SmoothGateNetwork, SmoothStepGate, entropy_sum, smooth_step
 
 
 def code_bits(num_experts: int) -> int:
@@ -41,34 +39,8 @@ def selector_weights(z: torch.Tensor, codes: torch.Tensor, gamma: float) -> torc
     return torch.where(codes, s, 1 - s).prod(dim=-1)
 
 
-class DSelectNetwork(nn.Module):
-    """BatchNorm (optional), then one Linear to the k*m selector logits and the k selector-mixing logits."""
-
-    def __init__(self, in_features: int, num_experts: int, k: int, gamma: float, batchnorm: bool, init_std=None):
-        super().__init__()
-        self.k, self.m = k, code_bits(num_experts)
-        self.norm = nn.BatchNorm1d(in_features) if batchnorm else nn.Identity()
-        self.proj = nn.Linear(in_features, k * (self.m + 1))
-        with torch.no_grad():
-            if init_std is not None:
-                nn.init.normal_(self.proj.weight, std=init_std)
-                nn.init.zeros_(self.proj.bias)
-            else:
-                # the reference: bits start inside the cubic region (+-gamma/100), mixing logits +-0.05
-                bits = k * self.m
-                self.proj.weight[:bits].uniform_(-gamma / 100, gamma / 100)
-                self.proj.bias[:bits].uniform_(-gamma / 100, gamma / 100)
-                self.proj.weight[bits:].uniform_(-0.05, 0.05)
-                self.proj.bias[bits:].uniform_(-0.05, 0.05)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(x))
-
-
-class DSelectKRouter(Router):
+class DSelectKRouter(SmoothStepGate):
     name = "dselect_k"
-    softmax_logits = False
-    variable_width = True
 
     def __init__(self, in_features, num_experts, config, block_name=""):
         super().__init__(in_features, num_experts, config, block_name)
@@ -79,8 +51,11 @@ class DSelectKRouter(Router):
         self.register_buffer("codes", binary_codes(num_experts), persistent=False)
 
     def build_network(self, in_features, num_experts, config):
-        return DSelectNetwork(
-            in_features, num_experts, self.top_k, config.dselect_gamma, config.router_batchnorm, config.router_init_std
+        # k*m selector logits, then k selector-mixing logits (the reference's init: mixing biases U(+-0.05))
+        k, m = self.top_k, code_bits(num_experts)
+        return SmoothGateNetwork(
+            in_features, k * (m + 1), k * m, config.dselect_gamma, config.router_batchnorm, config.router_init_std,
+            score_bias=0.05,
         )
 
     def selectors(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,11 +67,6 @@ class DSelectKRouter(Router):
     def routing_probs(self, logits: torch.Tensor) -> torch.Tensor:
         r, mix = self.selectors(logits)
         return (mix.unsqueeze(-1) * r).sum(dim=1)
-
-    def select(self, logits: torch.Tensor, x: torch.Tensor) -> RoutingDecision:
-        gates = self.routing_probs(logits)
-        experts, weights = nonzero_experts(gates)
-        return RoutingDecision(experts=experts, weights=weights, probs=gates, logits=logits)
 
     def loss_coefficients(self) -> dict[str, float]:
         coefs = super().loss_coefficients()
@@ -117,6 +87,3 @@ class DSelectKRouter(Router):
                 reach = (1.0 / (r.sum(dim=-1) + ENTROPY_EPS)).sum(dim=-1).mean()
                 terms["dselect_reach"] = coefs["dselect_reach"] * reach
         return terms
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gamma={self.gamma}"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import Router, RouterNetwork, RoutingDecision
+
 ENTROPY_EPS = 1e-6  # the authors' code: H(q) = -sum q log(q + eps)
 
 
@@ -39,3 +41,37 @@ def nonzero_experts(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values, experts = gates.topk(width, dim=-1)
     chosen = values > 0
     return torch.where(chosen, experts, torch.full_like(experts, -1)), values * chosen
+
+
+class SmoothGateNetwork(RouterNetwork):
+    """Paper A's router network (BatchNorm, Linear) with the smooth-step gates' init from the authors' code: the
+    first `smooth` outputs feed smooth-steps and start inside their cubic region (weights and biases
+    U(+-gamma/100)), the rest are scores with weights U(+-0.05) and biases U(+-score_bias). `init_std` replaces
+    it with the other routers' N(0, std^2) weights and zero biases."""
+
+    def __init__(self, in_features, out_features, smooth: int, gamma: float, batchnorm: bool, init_std=None,
+                 score_bias: float = 0.0):
+        super().__init__(in_features, out_features, batchnorm, init_std)
+        if init_std is None:
+            with torch.no_grad():
+                self.proj.weight[:smooth].uniform_(-gamma / 100, gamma / 100)
+                self.proj.bias[:smooth].uniform_(-gamma / 100, gamma / 100)
+                self.proj.weight[smooth:].uniform_(-0.05, 0.05)
+                self.proj.bias[smooth:].uniform_(-score_bias, score_bias)
+
+
+class SmoothStepGate(Router):
+    """Base of the smooth-step gates (DSelect-k, COMET): `decision.logits` are the gate's packed pre-activations,
+    `routing_probs` turns them into the gate weights g (R, N), and only experts with g > 0 run (each once per row,
+    -1 in the unused slots)."""
+
+    softmax_logits = False
+    variable_width = True
+
+    def select(self, logits: torch.Tensor, x: torch.Tensor) -> RoutingDecision:
+        gates = self.routing_probs(logits)
+        experts, weights = nonzero_experts(gates)
+        return RoutingDecision(experts=experts, weights=weights, probs=gates, logits=logits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gamma={self.gamma}"
