@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -31,10 +32,25 @@ def test_readme_lists_every_router():
         assert f"| `{name}` |" in text
 
 
-def test_quickstart_runs():
+def test_quickstart_prints_labelled_routing_tables_and_saves_a_model_with_card_and_heatmaps(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's package, whatever is installed
+    out = tmp_path / "model"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--steps", "3", "--routers", "tag"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--steps", "4", "--routers", "tag", "top_k",
+         "--output_dir", str(out), "--threads", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "share of task 0 / task 1 sent to expert 0, 1" in result.stdout
+    text = result.stdout
+    for router in ("tag", "top_k"):
+        assert re.search(rf"^{router}: accuracy max \d+% \(chance \d+%\), min \d+% \(chance \d+%\)", text, re.M)
+        assert re.search(rf"^  {router} sends max to expert \d in \d of 8 blocks; min to expert \d in \d of 8", text, re.M)
+    header = r"^  task +enc0\.attn +enc0\.ffn +enc1\.attn +enc1\.ffn +dec0\.attn +dec0\.ffn +dec1\.attn +dec1\.ffn$"
+    assert len(re.findall(header, text, re.M)) == 2  # all 8 blocks, labelled
+    assert re.search(r"^  max( +e\d +\d+%){8}$", text, re.M)
+    assert "Focus 1.00, Cover 1.00" in text  # tag routing, by construction
+    assert f"python -m hf_condroute.report {out}" in text
+    assert {"README.md", "adapter_config.json", "routing_stats.json", "routing_load.png", "routing_alignment.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert "Warning" not in result.stderr and "{'" not in result.stderr  # no stray warnings, only the bars

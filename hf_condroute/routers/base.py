@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import losses
 from ..routing_config import RoutingConfig
+from .norm import RouterBatchNorm1d
 
 
 @dataclass
@@ -43,11 +44,12 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class RouterNetwork(nn.Module):
-    """Paper A's router: BatchNorm1d then Linear to N logits (the softmax is applied by the router)."""
+    """Paper A's router: BatchNorm1d (whose running statistics are right after a short run, see `norm`) then Linear
+    to N logits (the softmax is applied by the router)."""
 
     def __init__(self, in_features: int, num_experts: int, batchnorm: bool = True, init_std: Optional[float] = None):
         super().__init__()
-        self.norm = nn.BatchNorm1d(in_features) if batchnorm else nn.Identity()
+        self.norm = RouterBatchNorm1d(in_features) if batchnorm else nn.Identity()
         self.proj = nn.Linear(in_features, num_experts)
         if init_std is not None:
             nn.init.normal_(self.proj.weight, std=init_std)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Router, RoutingDecision, top_k_with_probs
+from .norm import RouterBatchNorm1d
 
 
 class TopKRouter(Router):
@@ -55,7 +56,7 @@ class XMoENetwork(nn.Module):
 
     def __init__(self, in_features: int, num_experts: int, dim: int, temperature: float, batchnorm: bool):
         super().__init__()
-        self.norm = nn.BatchNorm1d(in_features) if batchnorm else nn.Identity()
+        self.norm = RouterBatchNorm1d(in_features) if batchnorm else nn.Identity()
         self.proj = nn.Linear(in_features, dim, bias=False)
         self.expert_embeddings = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.orthogonal_(self.expert_embeddings)
