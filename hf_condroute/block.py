@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .capacity import capacity_applies, limit_capacity
 from .experts import ExpertBank
 from .routers import Router
 from .routers.base import RoutingDecision
@@ -160,6 +161,9 @@ class RoutedBlock(nn.Module):
                 keys = token_ids[row_mask] if token_ids is not None else None
             row_tags = tags[row_example] if tags is not None else None
             decision = self.router(rows.squeeze(1), tags=row_tags, keys=keys, step=inputs.step.id if inputs.step else None)
+        factor = getattr(self.router.config, "expert_capacity_factor", None)
+        if factor is not None and capacity_applies(type(self.router)):
+            decision = limit_capacity(decision, self.router.num_experts, factor)
         if tags is None and self.training and self.router.learned and self.router.config.tag_supervision_coef > 0:
             raise ValueError(
                 f"Block {name or '<unnamed>'} has tag_supervision_coef > 0 but got no `routing_tags` in training: pass "
@@ -209,4 +213,5 @@ def _detached(d: RoutingDecision) -> RoutingDecision:
         probs=d.probs.detach(),
         logits=None if d.logits is None else d.logits.detach(),
         baseline=None if d.baseline is None else d.baseline.detach(),
+        dropped=d.dropped,
     )
