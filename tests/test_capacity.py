@@ -144,3 +144,17 @@ def test_off_by_default_and_a_large_capacity_change_nothing():
 def test_capacity_is_refused_where_it_does_not_apply(router, message):
     with pytest.raises(ValueError, match=message):
         RoutedAdapterConfig(router=router, expert_capacity_factor=1.0)
+
+
+def test_the_callback_logs_the_dropped_fraction():
+    from transformers import TrainerState
+
+    from hf_condroute import RoutingStatsCallback
+
+    model = routed(0.1)
+    model(x=torch.randn(6, 3, D))
+    acc = RoutingStatsAccumulator()
+    acc.update(hf_condroute.get_routing(model))
+    stats = acc.compute("train")
+    logs = RoutingStatsCallback()._report(stats, TrainerState(), "")
+    assert logs["routing_dropped_fraction"] == pytest.approx(stats.blocks["proj"].dropped / 6)
