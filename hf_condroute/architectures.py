@@ -8,7 +8,7 @@ An architecture not in the table still works when the user names `target_modules
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from torch import nn
 
@@ -35,7 +35,8 @@ class FFNLayout:
 
 @dataclass(frozen=True)
 class Architecture:
-    adapter_targets: tuple[str, ...]  # routed adapters after self-attention and after the FFN (paper A)
+    # routed adapters after self-attention and after the FFN (paper A), or a regex on module names (PEFT fullmatches it)
+    adapter_targets: Union[tuple[str, ...], str]
     ffn_layouts: tuple[FFNLayout, ...] = ()  # candidates, the first whose pieces exist wins (T5: gated, else plain)
     hidden_size_attr: str = "hidden_size"  # the config attribute of the model's width
     causal: bool = False  # a causal LM: per-example routing would pool over future tokens
@@ -74,10 +75,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    # conv adapters after every residual block (ResNetBasicLayer / ResNetBottleNeckLayer), routed on the spatial mean
+    "resnet": Architecture(r".*encoder\.stages\.\d+\.layers\.\d+"),
 }
 
 # the views PEFT and the routed FFN read: default `target_modules` per model type, and FFN layouts
-ROUTED_ADAPTER_TARGET_MODULES: dict[str, list[str]] = {k: list(a.adapter_targets) for k, a in ARCHITECTURES.items()}
+ROUTED_ADAPTER_TARGET_MODULES: dict[str, Union[list[str], str]] = {
+    k: a.adapter_targets if isinstance(a.adapter_targets, str) else list(a.adapter_targets)
+    for k, a in ARCHITECTURES.items()
+}
 FFN_LAYOUTS: dict[str, tuple[FFNLayout, ...]] = {k: a.ffn_layouts for k, a in ARCHITECTURES.items() if a.ffn_layouts}
 ROUTED_FFN_TARGET_MODULES: dict[str, list[str]] = {
     model_type: sorted({layout.entry for layout in layouts}) for model_type, layouts in FFN_LAYOUTS.items()

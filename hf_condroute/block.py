@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .capacity import capacity_applies, limit_capacity
 from .experts import ExpertBank
 from .routers import Router
 from .routers.base import RoutingDecision
@@ -196,6 +197,9 @@ class RoutedBlock(nn.Module):
                 "`routing_tags=` (-100 for examples without a tag), or set tag_supervision_coef=0."
             )
         decision = router(r.features, tags=row_tags, keys=r.keys, step=inputs.step.id if inputs.step else None)
+        factor = getattr(router.config, "expert_capacity_factor", None)
+        if factor is not None and capacity_applies(type(router)):
+            decision = limit_capacity(decision, router.num_experts, factor)
         weights = decision.weights
         if inputs.step is not None:
             record = RoutingRecord(
@@ -245,4 +249,5 @@ def _detached(d: RoutingDecision) -> RoutingDecision:
         probs=d.probs.detach(),
         logits=None if d.logits is None else d.logits.detach(),
         baseline=None if d.baseline is None else d.baseline.detach(),
+        dropped=d.dropped,
     )

@@ -3,7 +3,8 @@
 During training it adds up every forward's decisions (each gradient-accumulation micro-batch) and auxiliary
 losses, on the device and without synchronising; at each logging step it adds a few summary numbers to the
 Trainer's logs: `routing_load_entropy` (mean over blocks), `routing_max_share` (worst block),
-`routing_experts_used` (worst block), `routing_router_entropy` and `routing_loss_<name>` per auxiliary loss.
+`routing_experts_used` (worst block), `routing_router_entropy`, `routing_loss_<name>` per auxiliary loss and,
+with `expert_capacity_factor`, `routing_dropped_fraction` (assignments over capacity, of all the routers asked for).
 During evaluation it collects the decisions and `routing_tags` of every prediction step and adds
 `eval_routing_focus`, `eval_routing_cover`, `eval_routing_flip_rate` (against the previous evaluation) and the
 same load numbers. Under torch.distributed the sums of every process are merged before anything is reported.

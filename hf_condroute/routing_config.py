@@ -75,6 +75,14 @@ class RoutingConfig:
     expert_choice_capacity_factor: float = field(
         default=1.0, metadata={"check": Real(0, low_open=True), "help": "Expert Choice: each expert takes ceil(factor * rows * top_k / num_experts) rows."}
     )
+    expert_capacity_factor: Optional[float] = field(
+        default=None,
+        metadata={"check": Real(0, low_open=True, optional=True),
+            "help": "Learned token-choice routers: each expert takes at most ceil(factor * rows * top_k / num_experts) "
+            "assignments per block call (Switch), first choices first, in token order; the rest pass through "
+            "unchanged. None: no limit."
+        },
+    )
     xmoe_dim: Optional[int] = field(default=None, metadata={"check": Integer(1, optional=True), "help": "X-MoE routing dimension; None: max(2, N // 2)."})
     xmoe_temperature: float = field(default=0.3, metadata={"check": Real(0, low_open=True), "help": "X-MoE initial (learnable) temperature."})
     smear_expert_dropout: float = field(
@@ -143,6 +151,7 @@ class RoutingConfig:
 
     def validate_routing(self) -> None:
         """Raise a ValueError naming the problem and the fix for every inconsistent routing setting."""
+        from .capacity import capacity_applies
         from .routers import ROUTERS, router_class
 
         check_fields(self)
@@ -176,6 +185,17 @@ class RoutingConfig:
                         f"so {name}={value} has nothing to act on. Set {name}={default}; its sparsity is steered by "
                         "its gamma and entropy coefficient."
                     )
+        if self.expert_capacity_factor is not None and not capacity_applies(cls):
+            raise ValueError(
+                f"expert_capacity_factor limits learned token-choice routers, but router {self.router!r} "
+                + (
+                    "lets experts choose their rows, with a capacity of its own (Expert Choice: "
+                    "expert_choice_capacity_factor)."
+                    if cls.learned
+                    else "routes by design (it has no router network)."
+                )
+                + " Leave expert_capacity_factor=None, or pick a router such as 'top_k'."
+            )
         if self.gumbel_temperature_start < self.gumbel_temperature_min:
             raise ValueError(
                 "ST-Gumbel anneals its temperature down: gumbel_temperature_min must be <= gumbel_temperature_start, "

@@ -38,6 +38,15 @@ class BlockStats:
     router: Optional[str] = None
     learned: Optional[bool] = None
     granularity: Optional[str] = None
+    dropped: Optional[float] = None  # assignments over capacity (`expert_capacity_factor`); None: no capacity limit
+
+    @property
+    def dropped_fraction(self) -> Optional[float]:
+        """Share of the router's assignments dropped for being over capacity (`counts` are those that ran)."""
+        if self.dropped is None:
+            return None
+        asked = sum(self.counts) + self.dropped
+        return self.dropped / asked if asked > 0 else 0.0
 
     @property
     def load(self) -> list[float]:
@@ -70,6 +79,10 @@ class BlockStats:
         out.update(
             load=self.load, load_entropy=self.load_entropy, max_share=self.max_share, experts_used=self.experts_used
         )
+        if self.dropped is None:
+            del out["dropped"]
+        else:
+            out["dropped_fraction"] = self.dropped_fraction
         return out
 
     @classmethod
@@ -105,6 +118,10 @@ class RoutingStats:
             entropies = [b.probs_entropy for b in blocks if b.probs_entropy is not None]
             if entropies:
                 out["router_entropy"] = sum(entropies) / len(entropies)
+            limited = [b for b in blocks if b.dropped is not None]
+            if limited:  # over every limited block's assignments
+                asked = sum(sum(b.counts) + b.dropped for b in limited)
+                out["dropped_fraction"] = sum(b.dropped for b in limited) / asked if asked > 0 else 0.0
         for name in ("focus", "cover", "flip_rate"):
             value = getattr(self, name)
             if value is not None:
@@ -229,8 +246,11 @@ class RoutingStatsAccumulator:
                     "rows": torch.zeros((), dtype=torch.float64, device=device),
                     "entropy": torch.zeros((), dtype=torch.float64, device=device),
                 }
-            routed = (d.experts >= 0).any(-1)
+            routed = (d.requested_experts() >= 0).any(-1)  # a row whose every assignment was dropped still counts
             b["counts"] += metrics.expert_counts(d.experts, n, check=False).to(b["counts"].device)
+            if d.dropped is not None:
+                dropped = (d.dropped >= 0).sum().to(b["counts"].device, torch.float64)
+                b["dropped"] = b.get("dropped", 0) + dropped
             b["rows"] += routed.sum().to(b["rows"].device, torch.float64)
             b["entropy"] += _probs_entropy_sum(d.probs, routed).to(b["entropy"].device)
             if self.keep_decisions:
@@ -334,6 +354,8 @@ class RoutingStatsAccumulator:
             else:
                 for k in ("counts", "rows", "entropy"):
                     mine[k] = mine[k] + b[k]
+                if "dropped" in b:
+                    mine["dropped"] = mine.get("dropped", 0) + b["dropped"]
         if s["groups"] is not None:
             if self.groups is None:
                 c = s["groups"][0][2].shape[0]
@@ -365,6 +387,7 @@ class RoutingStatsAccumulator:
                 rows=int(rows),
                 probs_entropy=float(b["entropy"]) / rows if rows > 0 else None,
                 top_k=b["top_k"],
+                dropped=float(b["dropped"]) if "dropped" in b else None,
                 **info.get(name, {}),
             )
         stats = RoutingStats(split=split, examples=self.examples, blocks=blocks, global_step=global_step)

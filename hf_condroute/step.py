@@ -54,6 +54,7 @@ class RoutingRecord:
             probs=scatter(d.probs, 0.0),
             logits=scatter(d.logits, 0.0),
             baseline=scatter(d.baseline, 0.0),
+            dropped=scatter(d.dropped, -1),
         )
 
 
@@ -102,7 +103,7 @@ class RoutingStep:
                     "`labels`, so no per-example task loss was computed. Pass `labels` to the forward, or call "
                     "`hf_condroute.set_reward(model, per_example_loss)` before backward()."
                 )
-            terms = router.loss_terms(logits, record.decision.experts, baseline, record.targets, reward)
+            terms = router.loss_terms(logits, record.decision.requested_experts(), baseline, record.targets, reward)
             if not terms:
                 return None
             return sum(terms.values()) * self.scale_for_backward()
@@ -131,7 +132,7 @@ class RoutingStep:
             if d.logits is None or not record.router.loss_coefficients():
                 continue
             reward = self.rows_reward(record)
-            terms = record.router.loss_terms(d.logits, d.experts, d.baseline, record.targets, reward)
+            terms = record.router.loss_terms(d.logits, d.requested_experts(), d.baseline, record.targets, reward)
             for key, value in terms.items():
                 values[key] = values.get(key, 0.0) + value.detach().float()
         self.loss_values = values

@@ -31,6 +31,8 @@ class RoutingDecision:
              computed: (R, N) softmax logits, or for gate routers (`softmax_logits = False`) their own
              pre-activations (R, width); None for heuristic routers.
     baseline: (R,) REINFORCE's learned baseline, else None.
+    dropped: (R, k) with `expert_capacity_factor`: the expert a slot asked for that was over capacity (that slot's
+        `experts` entry is then -1, its weight 0), -1 where nothing was dropped; None without a capacity limit.
     """
 
     experts: torch.Tensor
@@ -38,6 +40,11 @@ class RoutingDecision:
     probs: torch.Tensor
     logits: Optional[torch.Tensor] = None
     baseline: Optional[torch.Tensor] = None
+    dropped: Optional[torch.Tensor] = None
+
+    def requested_experts(self) -> torch.Tensor:
+        """The experts the router chose, before any capacity limit (what its auxiliary losses are computed on)."""
+        return self.experts if self.dropped is None else torch.where(self.dropped >= 0, self.dropped, self.experts)
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -80,6 +87,7 @@ class Router(nn.Module):
     softmax_logits: ClassVar[bool] = True
     # the number of slots per row depends on the data (-1 marks empty slots), not fixed at top_k
     variable_width: ClassVar[bool] = False
+    token_choice: ClassVar[bool] = True  # each row picks its experts (False: experts pick rows, as Expert Choice)
 
     def __init__(self, in_features: int, num_experts: int, config: RoutingConfig, block_name: str = ""):
         super().__init__()

@@ -12,6 +12,7 @@ from .base import Router, RoutingDecision, ceil_div
 class ExpertChoiceRouter(Router):
     name = "expert_choice"
     variable_width = True
+    token_choice = False  # its own capacity: `expert_choice_capacity_factor`
 
     def select(self, logits: torch.Tensor, x: torch.Tensor) -> RoutingDecision:
         probs = logits.softmax(dim=-1)

@@ -20,6 +20,7 @@ class SmearRouter(Router):
     name = "smear"
     uses_top_k = False
     merges_experts = True
+    token_choice = False  # every expert is in every row's merge: no capacity to limit
     per_example_only = True
     per_example_only_reason = (
         "it merges the experts' parameters once per routed row, and per-token merging costs as much as running "

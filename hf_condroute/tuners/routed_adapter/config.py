@@ -16,16 +16,21 @@ from ..peft_patches import ROUTED_ADAPTER
 
 @dataclass
 class RoutedAdapterConfig(RoutingConfig, PeftConfig):
-    """Configuration of a [`RoutedAdapterModel`]: routed bottleneck adapters after chosen `nn.Linear` layers.
+    """Configuration of a [`RoutedAdapterModel`]: routed bottleneck adapters after chosen `nn.Linear` layers, and
+    conv adapters (1x1 convolutions, `hf_condroute.feature_maps`) after modules that output feature maps
+    (batch, channels, height, width): an `nn.Conv2d`, a ResNet residual block, a block of your own.
 
     Each targeted layer's output y becomes y + sum_j w_j adapter_{e_j}(y), the experts e_j and weights w_j
-    chosen by the router (see `RoutingConfig` for every routing field). `target_modules=None` uses the
-    architecture default: after self-attention and after the feed-forward of every layer.
+    chosen by the router (see `RoutingConfig` for every routing field); on a feature map each example routes on
+    its spatial mean. `target_modules=None` uses the architecture default: after self-attention and after the
+    feed-forward of every layer (ResNet: after every residual block).
 
     Args:
         adapter_dim: bottleneck size of each adapter (paper A: d_model / 32 for T5).
         adapter_activation: nonlinearity between the down and up projections.
         init_weights: zero-initialise the up projections, so an untrained adapter changes nothing.
+        feature_channels: channels of the feature maps that targets other than `nn.Conv2d` output, when the target
+            neither has an `out_channels` attribute nor ends in an `nn.Conv2d` whose `out_channels` they are.
         target_modules / exclude_modules / modules_to_save: as in every PEFT config.
     """
 
@@ -34,11 +39,20 @@ class RoutedAdapterConfig(RoutingConfig, PeftConfig):
         default="relu", metadata={"check": Choice(values=tuple(ACTIVATIONS), label="activation"), "help": "relu, gelu, silu, tanh or identity."}
     )
     init_weights: bool = field(default=True, metadata={"check": Flag(), "help": "Zero-initialise the up projections."})
+    feature_channels: Optional[int] = field(
+        default=None,
+        metadata={
+            "check": Integer(1, optional=True),
+            "help": "Channels of the feature maps output by targets that are not nn.Conv2d. None: the target's "
+            "`out_channels`, else that of the last nn.Conv2d inside it.",
+        },
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
-            "help": "Names (suffixes) or a regex of the nn.Linear modules whose outputs get routed adapters. "
-            "None: the architecture default."
+            "help": "Names (suffixes) or a regex of the modules whose outputs get routed adapters: nn.Linear "
+            "layers, or modules that output (batch, channels, height, width) feature maps (conv adapters). None: "
+            "the architecture default."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to leave out."})

@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from ...context import ModelRoutingState
 from ..routed_base import RoutedTunerModel
 from ...architectures import ROUTED_ADAPTER_TARGET_MODULES
+from .conv import FeatureMap, check_conv_granularity, output_channels
 from .layer import Linear, RoutedAdapterLayer
 
 
@@ -26,13 +27,14 @@ class RoutedAdapterModel(RoutedTunerModel):
             target.update_layer(adapter_name, config, self._router_in_features(config, target.out_features, side))
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise TypeError(
-                f"Routed adapters wrap nn.Linear modules, but {current_key} is {type(base).__name__}. Choose "
-                "`target_modules` that name nn.Linear layers."
-            )
-        router_in = self._router_in_features(config, base.out_features, side)
-        new_module = Linear(target, adapter_name, config, current_key, side, state, router_in)
+        if isinstance(base, nn.Linear):
+            router_in = self._router_in_features(config, base.out_features, side)
+            new_module = Linear(target, adapter_name, config, current_key, side, state, router_in)
+        else:  # a module that outputs a feature map: conv experts
+            check_conv_granularity(config, current_key)
+            channels = output_channels(base, config, current_key)
+            router_in = self._router_in_features(config, channels, side)
+            new_module = FeatureMap(target, adapter_name, config, current_key, side, state, router_in, channels)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
