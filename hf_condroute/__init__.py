@@ -24,7 +24,7 @@ from .tuners.routed_ffn import RoutedFFNConfig, RoutedFFNModel
 
 apply_peft_patches()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ROUTED_ADAPTER",

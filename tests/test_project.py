@@ -54,3 +54,12 @@ def test_quickstart_prints_labelled_routing_tables_and_saves_a_model_with_card_a
         p.name for p in out.iterdir()
     }
     assert "Warning" not in result.stderr and "{'" not in result.stderr  # no stray warnings, only the bars
+
+
+def test_the_version_is_one_and_has_a_changelog_entry():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        version = re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
+    assert hf_condroute.__version__ == version
+    with open(os.path.join(root, "CHANGELOG.md")) as f:
+        assert f"## {version}" in f.read()
