@@ -1,6 +1,6 @@
 """hf_condroute: conditional computation for Hugging Face Transformers.
 
-Importing it registers the PEFT types `ROUTED_ADAPTER` (and `ROUTED_FFN`), so `peft.get_peft_model`,
+Importing it registers the PEFT types `ROUTED_ADAPTER`, `ROUTED_FFN` and `ROUTED_LORA`, so `peft.get_peft_model`,
 `PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know them.
 """
 
@@ -9,16 +9,17 @@ from __future__ import annotations
 from .api import get_routing, get_routing_losses, last_step, routing_loss, set_reward
 from .block import RoutedBlock, RoutingInputs
 from .callbacks import RoutingStatsCallback
-from .experts import AdapterBank, EmbeddingBank, ExpertBank
+from .experts import AdapterBank, EmbeddingBank, ExpertBank, LoraBank
 from .hub import save_routing_stats
 from .metrics import active_subnetworks, focus_cover, routing_focus_cover, tag_presence
 from .routers import ROUTERS, Router, RoutingDecision, build_router, register_router
 from .routing_config import RoutingConfig
 from .stats import RoutingStats, RoutingStatsAccumulator, compute_routing_stats, get_routing_stats, set_routing_stats
 from .step import RoutingStep
-from .tuners.peft_patches import ROUTED_ADAPTER, ROUTED_FFN, apply_peft_patches
+from .tuners.peft_patches import ROUTED_ADAPTER, ROUTED_FFN, ROUTED_LORA, apply_peft_patches
 from .tuners.routed_adapter import RoutedAdapterConfig, RoutedAdapterModel
 from .tuners.routed_ffn import RoutedFFNConfig, RoutedFFNModel
+from .tuners.routed_lora import RoutedLoraConfig, RoutedLoraModel
 
 apply_peft_patches()
 
@@ -27,10 +28,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ROUTED_ADAPTER",
     "ROUTED_FFN",
+    "ROUTED_LORA",
     "ROUTERS",
     "AdapterBank",
     "EmbeddingBank",
     "ExpertBank",
+    "LoraBank",
     "active_subnetworks",
     "focus_cover",
     "routing_focus_cover",
@@ -39,6 +42,8 @@ __all__ = [
     "RoutedAdapterModel",
     "RoutedFFNConfig",
     "RoutedFFNModel",
+    "RoutedLoraConfig",
+    "RoutedLoraModel",
     "RoutedBlock",
     "Router",
     "RoutingConfig",
