@@ -41,8 +41,9 @@ def read_source(index: int, path: str, r: int) -> SourceLora:
             "(adapter_config.json and adapter_model.safetensors)."
         ) from None
     if config.peft_type != PeftType.LORA:
+        kind = getattr(config.peft_type, "value", config.peft_type)
         raise ValueError(
-            f"{label} is a {config.peft_type} adapter, not a LoRA: only PEFT LoRA checkpoints (peft_type LORA) can "
+            f"{label} is a {kind} adapter, not a LoRA: only PEFT LoRA checkpoints (peft_type LORA) can "
             "become LoRA experts."
         )
     if config.r != r:
