@@ -424,3 +424,26 @@ def test_lora_experts_that_do_not_fit_are_refused_with_the_reason(tmp_path):
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RoutedLoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("granularity", ["example", "token"])
+def test_t5_cross_attention_keys_and_values_route_on_the_encoders_tokens(granularity):
+    from .conftest import make_t5, t5_batch
+
+    model = routed(make_t5(), init_lora_weights=False, routing_granularity=granularity, task_type="SEQ_2_SEQ_LM")
+    sides = {n.removeprefix("base_model.model."): m.side for n, m in layers(model).items()}
+    assert sides["decoder.block.0.layer.1.EncDecAttention.v"] == "encoder"  # its input is the encoder's output
+    assert sides["decoder.block.0.layer.1.EncDecAttention.q"] == "decoder"
+    batch = t5_batch()
+    batch["decoder_attention_mask"] = torch.ones(4, 5, dtype=torch.long)  # 5 target tokens, 7 source tokens
+    batch["decoder_attention_mask"][0, 4:] = 0
+    model.train()
+    model(**batch).loss.backward()
+    decision = hf_condroute.get_routing(model)["decoder.block.0.layer.1.EncDecAttention.v"]
+    if granularity == "token":
+        assert decision.experts.shape[:2] == (4, 7)
+        assert (decision.experts[0, 5:] == -1).all()  # the encoder's padding
+    model.eval()
+    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3,
+                         num_beams=2)
+    assert out.shape[0] == 4

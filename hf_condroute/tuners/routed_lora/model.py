@@ -10,7 +10,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from ...architectures import is_causal_lm
+from ...architectures import is_causal_lm, reads_encoder_output
 from ...context import ModelRoutingState
 from ...routers import router_class
 from ...routers.heuristic import MonolithicRouter
@@ -71,6 +71,8 @@ class RoutedLoraModel(RoutedTunerModel):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
         state = ModelRoutingState.of(self.model)
         side = state.side_of(current_key)
+        if side == "decoder" and reads_encoder_output(self.model, current_key):
+            side = "encoder"  # the router sees this Linear's input: the encoder's tokens
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
             raise TypeError(
