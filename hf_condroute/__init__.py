@@ -1,6 +1,6 @@
 """hf_condroute: conditional computation for Hugging Face Transformers.
 
-Importing it registers the PEFT types `ROUTED_ADAPTER` (and `ROUTED_FFN`), so `peft.get_peft_model`,
+Importing it registers the PEFT types `ROUTED_ADAPTER`, `ROUTED_FFN` and `ROUTED_LORA`, so `peft.get_peft_model`,
 `PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know them.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from .api import get_routing, get_routing_losses, last_step, routing_loss, set_reward
 from .block import RoutedBlock, RoutingInputs
 from .callbacks import RoutingStatsCallback
-from .experts import AdapterBank, EmbeddingBank, ExpertBank
+from .experts import AdapterBank, EmbeddingBank, ExpertBank, LoraBank
 from .hub import save_routing_stats
 from .local_search import LocalSearchCallback, LocalSearchResult, local_search, relabel_experts
 from .multigate import MultiGateBlock
@@ -18,9 +18,10 @@ from .routers import ROUTERS, Router, RoutingDecision, build_router, register_ro
 from .routing_config import RoutingConfig
 from .stats import RoutingStats, RoutingStatsAccumulator, compute_routing_stats, get_routing_stats, set_routing_stats
 from .step import RoutingStep
-from .tuners.peft_patches import ROUTED_ADAPTER, ROUTED_FFN, apply_peft_patches
+from .tuners.peft_patches import ROUTED_ADAPTER, ROUTED_FFN, ROUTED_LORA, apply_peft_patches
 from .tuners.routed_adapter import RoutedAdapterConfig, RoutedAdapterModel
 from .tuners.routed_ffn import RoutedFFNConfig, RoutedFFNModel
+from .tuners.routed_lora import RoutedLoraConfig, RoutedLoraModel
 
 apply_peft_patches()
 
@@ -29,10 +30,12 @@ __version__ = "0.2.0"
 __all__ = [
     "ROUTED_ADAPTER",
     "ROUTED_FFN",
+    "ROUTED_LORA",
     "ROUTERS",
     "AdapterBank",
     "EmbeddingBank",
     "ExpertBank",
+    "LoraBank",
     "active_subnetworks",
     "focus_cover",
     "LocalSearchCallback",
@@ -46,6 +49,8 @@ __all__ = [
     "RoutedFFNConfig",
     "RoutedFFNModel",
     "MultiGateBlock",
+    "RoutedLoraConfig",
+    "RoutedLoraModel",
     "RoutedBlock",
     "Router",
     "RoutingConfig",

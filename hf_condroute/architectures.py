@@ -40,6 +40,7 @@ class Architecture:
     ffn_layouts: tuple[FFNLayout, ...] = ()  # candidates, the first whose pieces exist wins (T5: gated, else plain)
     hidden_size_attr: str = "hidden_size"  # the config attribute of the model's width
     causal: bool = False  # a causal LM: per-example routing would pool over future tokens
+    cross_attention_kv: tuple[str, ...] = ()  # decoder Linears that read the encoder's output (cross-attention k, v)
 
 
 _BERT_FFN = (FFNLayout("intermediate", ("intermediate.dense",), "output.dense", "intermediate.intermediate_act_fn"),)
@@ -57,8 +58,13 @@ _LLAMA_FFN = (FFNLayout("mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"
 
 _BERT = Architecture(("attention.output.dense", "output.dense"), _BERT_FFN)
 # not after cross-attention: `o` alone would also match EncDecAttention.o
-_T5 = Architecture(("SelfAttention.o", "DenseReluDense.wo"), _T5_FFN, hidden_size_attr="d_model")
-_BART = Architecture(("self_attn.out_proj", "fc2"), hidden_size_attr="d_model")
+_T5 = Architecture(
+    ("SelfAttention.o", "DenseReluDense.wo"), _T5_FFN, hidden_size_attr="d_model",
+    cross_attention_kv=("EncDecAttention.k", "EncDecAttention.v"),
+)
+_BART = Architecture(
+    ("self_attn.out_proj", "fc2"), hidden_size_attr="d_model", cross_attention_kv=("encoder_attn.k_proj", "encoder_attn.v_proj")
+)
 _LLAMA = Architecture(("self_attn.o_proj", "mlp.down_proj"), _LLAMA_FFN, causal=True)
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -93,6 +99,13 @@ ROUTED_FFN_TARGET_MODULES: dict[str, list[str]] = {
 def architecture_of(model: nn.Module) -> Optional[Architecture]:
     config = getattr(model, "config", None)
     return ARCHITECTURES.get(getattr(config, "model_type", None) or "")
+
+
+def reads_encoder_output(model: nn.Module, module_name: str) -> bool:
+    """Whether a decoder Linear's input is the encoder's output (cross-attention keys and values): its tokens are the
+    encoder's, so a router on that input uses the encoder's mask."""
+    arch = architecture_of(model)
+    return arch is not None and any(module_name.endswith("." + n) for n in arch.cross_attention_kv)
 
 
 def hidden_size(config) -> Optional[int]:

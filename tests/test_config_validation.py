@@ -1,4 +1,4 @@
-"""Every field of the routing config and of both tuner configs is checked when the config is built, with an error
+"""Every field of the routing config and of the tuner configs is checked when the config is built, with an error
 that names the field: one case per rule, generated from the rule each field declares, plus the cases users hit."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import fields
 
 import pytest
 
-from hf_condroute import RoutedAdapterConfig, RoutedFFNConfig
+from hf_condroute import RoutedAdapterConfig, RoutedFFNConfig, RoutedLoraConfig
 from hf_condroute.routing_config import RoutingConfig
 from hf_condroute.validation import (
     Choice,
@@ -24,8 +24,9 @@ from hf_condroute.validation import (
 CONFIGS = {
     "RoutedAdapterConfig": lambda **kw: RoutedAdapterConfig(**kw),
     "RoutedFFNConfig": lambda **kw: RoutedFFNConfig(init_weights=kw.pop("init_weights", False), **kw),
+    "RoutedLoraConfig": lambda **kw: RoutedLoraConfig(**kw),
 }
-CLASSES = {"RoutedAdapterConfig": RoutedAdapterConfig, "RoutedFFNConfig": RoutedFFNConfig}
+CLASSES = {"RoutedAdapterConfig": RoutedAdapterConfig, "RoutedFFNConfig": RoutedFFNConfig, "RoutedLoraConfig": RoutedLoraConfig}
 # fields whose values are checked elsewhere (the router registry) or that are PEFT's own
 UNRULED = {"router", "target_modules", "exclude_modules", "modules_to_save", "importance"}
 
@@ -82,7 +83,8 @@ def test_every_field_has_a_rule(config):
     ours = {f.name for f in fields(RoutingConfig)} | {
         n for n in peft_fields if n in {"adapter_dim", "adapter_activation", "init_weights", "expert_dim",
                                         "shared_neurons", "ffn_in_proj", "ffn_out_proj", "ffn_activation",
-                                        "ffn_dropout"}
+                                        "ffn_dropout", "r", "lora_alpha", "lora_dropout", "init_lora_weights",
+                                        "router_sharing", "lora_experts"}
     }
     missing = [f.name for f in fields(CLASSES[config]) if f.name in ours - UNRULED and "check" not in f.metadata]
     assert not missing, f"fields without a validation rule: {missing}"
@@ -91,7 +93,7 @@ def test_every_field_has_a_rule(config):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(num_experts="8"), TypeError, r"num_experts must be >= 1 \(an integer\), got '8'"),
+        (dict(num_experts="8"), TypeError, r"num_experts must be >= 1 \(an integer\)( or None)?, got '8'"),
         (dict(xmoe_temperature=0), ValueError, "xmoe_temperature must be > 0"),
         (dict(xmoe_dim=0), ValueError, "xmoe_dim must be >= 1"),
         (dict(router_jitter_noise=1.0), ValueError, r"router_jitter_noise must be in \[0, 1\)"),

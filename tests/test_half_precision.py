@@ -1,4 +1,4 @@
-"""Half-precision base models: every router of both tuners on bf16 and fp16 T5, BERT and Llama, with PEFT's
+"""Half-precision base models: every router of the three tuners on bf16 and fp16 T5, BERT and Llama, with PEFT's
 `autocast_adapter_dtype` on and off. The router computes in float32 and keeps float32 statistics, the experts
 follow `autocast_adapter_dtype` (float32, or the base dtype), and each block returns its base layer's dtype."""
 
@@ -14,14 +14,14 @@ import torch
 from peft import get_peft_model
 
 import hf_condroute
-from hf_condroute import ROUTERS, RoutedAdapterConfig, RoutedFFNConfig
+from hf_condroute import ROUTERS, RoutedAdapterConfig, RoutedFFNConfig, RoutedLoraConfig
 from hf_condroute.block import ROUTER_KEY
 
 from .conftest import bert_batch, llama_batch, make_bert, make_llama, make_t5, t5_batch, top_k_for
 
 FAMILIES = {"t5": (make_t5, t5_batch), "bert": (make_bert, bert_batch), "llama": (make_llama, llama_batch)}
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-TUNERS = {"adapter": "routed_adapter_block", "ffn": "routed_ffn_block"}
+TUNERS = {"adapter": "routed_adapter_block", "ffn": "routed_ffn_block", "lora": "routed_lora_block"}
 
 
 def routed_config(tuner: str, family: str, router: str):
@@ -33,6 +33,8 @@ def routed_config(tuner: str, family: str, router: str):
         return RoutedAdapterConfig(adapter_dim=8, routing_granularity=granularity, **common)
     if per_example_only:
         common["routing_granularity"] = "example"
+    if tuner == "lora":  # per token for the causal LM by default; B random, so the experts change the output
+        return RoutedLoraConfig(r=4, init_lora_weights=False, **common)
     return RoutedFFNConfig(init_weights=False, **common)  # experts from the FFN's neurons in index order
 
 

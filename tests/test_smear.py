@@ -132,3 +132,16 @@ def test_smear_in_the_routed_ffn_per_example():
     peft_model(**bert_batch()).loss.backward()
     grads = [p.grad for n, p in peft_model.named_parameters() if "routed_ffn_block" in n and p.requires_grad]
     assert grads and all(g is not None for g in grads)
+
+
+def test_merged_lora_experts_apply_their_scaling_once():
+    from hf_condroute import LoraBank
+
+    torch.manual_seed(0)
+    bank = LoraBank(N, D, D, r=2, lora_alpha=6, init_lora_weights=False).double()
+    probs = torch.softmax(torch.randn(5, N, dtype=torch.float64), -1)
+    x = torch.randn(5, 3, D, dtype=torch.float64)
+    got = bank(x, torch.arange(N).expand(5, -1), probs, merge=True)
+    a = torch.einsum("rn,ndk->rdk", probs, bank.lora_A)
+    b = torch.einsum("rn,nko->rko", probs, bank.lora_B)
+    torch.testing.assert_close(got, torch.bmm(torch.bmm(x, a), b) * 3.0, rtol=1e-12, atol=1e-12)

@@ -1,12 +1,13 @@
-"""Experts: banks of N stacked subnetworks (`banks`), the dispatch that runs only the chosen ones (`dispatch`),
-its table of exact strategies with the cost model that picks one (`strategies`), the grouping of rows by expert
-(`grouping`) and the grouped-matmul kernels (`kernels`)."""
+"""Experts: banks of N stacked subnetworks (`banks`; LoRA experts in `lora`), the dispatch that runs only the
+chosen ones (`dispatch`), its table of exact strategies with the cost model that picks one (`strategies`), the
+grouping of rows by expert (`grouping`) and the grouped-matmul kernels (`kernels`)."""
 
 from .activations import ACTIVATIONS, activation_fn
 from .banks import AdapterBank, EmbeddingBank, ExpertBank, MLPExpertBank
 from .dispatch import dispatch, expert_mlp
 from .grouping import Grouping, combine_rows, count_assignments, gather_rows, group_by_expert, group_offsets
 from .kernels import grouped_linear, grouped_mm_supported
+from .lora import LoraBank
 from .strategies import (
     GROUPED_OVERHEAD_IN_MACS,
     MOVE_COST_IN_MACS,
@@ -26,6 +27,7 @@ __all__ = [
     "ExpertBank",
     "ExpertMLPWeights",
     "Grouping",
+    "LoraBank",
     "MLPExpertBank",
     "activation_fn",
     "choose_strategy",

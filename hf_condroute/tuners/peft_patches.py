@@ -46,6 +46,7 @@ def add_peft_type(name: str) -> PeftType:
 check_peft_version()
 ROUTED_ADAPTER = add_peft_type("ROUTED_ADAPTER")
 ROUTED_FFN = add_peft_type("ROUTED_FFN")
+ROUTED_LORA = add_peft_type("ROUTED_LORA")
 
 
 def register_peft_types() -> None:
@@ -54,11 +55,14 @@ def register_peft_types() -> None:
 
     from .routed_adapter import RoutedAdapterConfig, RoutedAdapterModel
     from .routed_ffn import RoutedFFNConfig, RoutedFFNModel
+    from .routed_lora import RoutedLoraConfig, RoutedLoraModel
 
     if ROUTED_ADAPTER not in PEFT_TYPE_TO_TUNER_MAPPING:
         register_peft_method(name="routed_adapter", config_cls=RoutedAdapterConfig, model_cls=RoutedAdapterModel)
     if ROUTED_FFN not in PEFT_TYPE_TO_TUNER_MAPPING:
         register_peft_method(name="routed_ffn", config_cls=RoutedFFNConfig, model_cls=RoutedFFNModel)
+    if ROUTED_LORA not in PEFT_TYPE_TO_TUNER_MAPPING:
+        register_peft_method(name="routed_lora", config_cls=RoutedLoraConfig, model_cls=RoutedLoraModel)
 
 
 def install_peft_model_hooks() -> None:

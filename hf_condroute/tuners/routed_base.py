@@ -32,7 +32,7 @@ class RefusesMerge:
 
 
 class RoutedTunerModel(BaseTuner):
-    """Base of `RoutedAdapterModel` and `RoutedFFNModel`: subclasses implement `_create_and_replace`; merging is
+    """Base of `RoutedAdapterModel`, `RoutedFFNModel` and `RoutedLoraModel`: subclasses implement `_create_and_replace`; merging is
     refused with their layer class's `merge_refused`."""
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:

@@ -1,0 +1,86 @@
+"""LoRA experts: N low-rank updates of one Linear, f_e(x) = (alpha / r) * B_e A_e dropout(x), as a thin form over
+the two-matmul bank contract (identity activation, no biases), so every dispatch strategy of `expert_mlp` serves
+them."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+from .activations import activation_fn
+from .banks import MLPExpertBank
+from .strategies import ExpertMLPWeights
+
+LORA_INITS = (True, False, "gaussian")
+
+
+class LoraBank(MLPExpertBank):
+    """N LoRA experts on a Linear's input x: A (N, in_features, r), B (N, r, out_features), scaling alpha / r.
+
+    The dropout runs on the input rows before the experts (PEFT's LoRA: lora_B(lora_A(dropout(x))) * scaling).
+    The scaling multiplies the combine weights, so it reaches the r hidden units of each row, not a full-size
+    output: the same numbers as PEFT's output-side scaling whenever alpha / r is a power of two (1, 2, 0.5, ...),
+    and otherwise equal up to one rounding.
+
+    init_lora_weights, as PEFT's LoRA: True: A as nn.Linear's default (kaiming-uniform, bound 1/sqrt(in_features)),
+    B zeros, so an untrained bank adds nothing; "gaussian": A ~ N(0, 1/r), B zeros; False: B random too
+    (nn.Linear's default, bound 1/sqrt(r)).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: Union[bool, str] = True,
+    ):
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features, self.r = num_experts, in_features, out_features, r
+        self.scaling = lora_alpha / r
+        self.act = activation_fn("identity")
+        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(num_experts, in_features, r))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, r, out_features))
+        self.reset_parameters(init_lora_weights)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        if init_lora_weights not in LORA_INITS:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}.")
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:  # kaiming_uniform_(a=sqrt(5)) on a (r, in) Linear weight: U(-1/sqrt(in), 1/sqrt(in))
+            bound = 1.0 / self.in_features**0.5
+            nn.init.uniform_(self.lora_A, -bound, bound)
+        if init_lora_weights is False:
+            bound = 1.0 / self.r**0.5
+            nn.init.uniform_(self.lora_B, -bound, bound)
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def load_expert(self, expert: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0) -> None:
+        """Expert `expert` from PEFT LoRA weights: lora_A.weight (r, in) and lora_B.weight (out, r); `scale` (the
+        source's scaling over this bank's) multiplies B."""
+        self.lora_A[expert].copy_(lora_A.t())
+        b = lora_B.t().to(self.lora_B.dtype)
+        self.lora_B[expert].copy_(b if scale == 1.0 else b * scale)
+
+    def mlp_weights(self) -> ExpertMLPWeights:
+        return ExpertMLPWeights(self.lora_A, None, self.lora_B, None)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False) -> torch.Tensor:
+        if merge:  # SMEAR merges A and B with the weights themselves; the scaling then applies once, to the output
+            return super().forward(self.dropout(x), experts, weights, merge=True) * self.scaling
+        return super().forward(self.dropout(x), experts, weights * self.scaling)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, r={self.r}, "
+            f"out_features={self.out_features}, scaling={self.scaling}"
+        )
