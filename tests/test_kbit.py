@@ -308,3 +308,36 @@ def test_adapter_alone_saved_and_loaded_into_a_fresh_quantized_base(base_dirs, t
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env, timeout=300)
     assert result.stdout.count("EXACT") == len(cases), result.stdout[-2000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant", list(QUANT))
+def test_routed_lora_experts_on_a_quantized_llama(base_dirs, quant, device, tmp_path):
+    """QLoRA with routed LoRA experts: all-linear targets are the 4-/8-bit layers; train, generate, save the experts
+    alone and load them into a freshly quantized base with the same outputs."""
+    from hf_condroute import RoutedLoraConfig
+
+    model = prepare_model_for_kbit_training(load_quantized(base_dirs["llama"], "llama", quant, device))
+    layer_type = bnb.nn.Linear4bit if quant == "4bit" else bnb.nn.Linear8bitLt
+    config = RoutedLoraConfig(num_experts=4, top_k=2, r=4, target_modules="all-linear", init_lora_weights=False,
+                              task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    bases = [m.get_base_layer() for m in peft_model.modules() if hasattr(m, "routed_lora_block")]
+    assert bases and all(isinstance(b, layer_type) for b in bases)
+    frozen = quantized_state(peft_model)
+    losses = train(peft_model, "llama", device)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.equal(dict(peft_model.named_parameters())[n], v) for n, v in frozen.items())
+    peft_model.eval()
+    batch = batch_for("llama", device, seed=9)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+        out = peft_model.generate(input_ids=batch["input_ids"][:2], max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    peft_model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and all("routed_lora_block" in k for k in saved)
+    fresh = load_quantized(base_dirs["llama"], "llama", quant, device)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)
