@@ -35,7 +35,10 @@ from common import (  # noqa: E402
 )
 
 from hf_condroute.block import RoutedBlock, RoutingInputs  # noqa: E402
-from hf_condroute.experts import AdapterBank, dispatch, expert_mlp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from hf_condroute.experts import AdapterBank, LoraBank, dispatch, expert_mlp  # noqa: E402
+from hf_condroute.moebert.bank import FFNSliceBank  # noqa: E402
 from hf_condroute.routers import build_router  # noqa: E402
 from hf_condroute.routing_config import RoutingConfig  # noqa: E402
 from hf_condroute.step import RoutingStep  # noqa: E402
@@ -86,8 +89,19 @@ def routed(d: int, adapter_dim: int, router: str, n: int, k: int, granularity="e
     config = RoutingConfig(router=router, num_experts=n, top_k=k, routing_granularity=granularity, **kw.pop("routing", {}))
     config.validate_routing()
     r = build_router(config, d, "bench")
-    bank = bank_cls(r.num_experts, d, adapter_dim, init_weights=False, **kw)
+    make = kw.pop("make_bank", None)
+    bank = make(r.num_experts) if make else bank_cls(r.num_experts, d, adapter_dim, init_weights=False, **kw)
     return RoutedBlock(r, bank, granularity, name="bench")
+
+
+def lora_bank(d: int, rank: int):
+    """LoRA experts of rank `rank` on a (d -> d) Linear's input (the bank alone: the Linear is the same for all)."""
+    return lambda n: LoraBank(n, d, d, r=rank, lora_alpha=2 * rank, init_lora_weights=False)
+
+
+def gated_bank(d: int, h: int):
+    """Gated (GLU, SiLU) FFN experts of width h, as a Llama MLP split into experts."""
+    return lambda n: FFNSliceBank(n, d, h, d, F.silu, gated=True, in_bias=False, out_bias=False)
 
 
 def variants(d: int, h: int, batch: int) -> dict[str, tuple[nn.Module, str]]:
@@ -106,6 +120,9 @@ def variants(d: int, h: int, batch: int) -> dict[str, tuple[nn.Module, str]]:
         "dselect_k N=8 k=2": (routed(d, h, "dselect_k", 8, 2), "per example, experts with weight > 0 (dense early)"),
         "comet N=8 k=2": (routed(d, h, "comet", 8, 2), "per example, experts with weight > 0 (dense early)"),
         "top_k N=8 k=1 per token": (routed(d, h, "top_k", 8, 1, "token"), "each token routed"),
+        "LoRA r=h N=8 k=2 per token": (routed(d, h, "top_k", 8, 2, "token", make_bank=lora_bank(d, h)), "LoraBank"),
+        "gated FFN N=8 k=1 per token": (routed(d, h, "top_k", 8, 1, "token", make_bank=gated_bank(d, h)),
+                                        "FFNSliceBank, gated: act(x Wg) * (x Wi) -> Wo"),
         "top_k N=64 k=1 per token": (routed(d, h, "top_k", 64, 1, "token"), "each token routed"),
         "top_k N=8 k=1, grouped forced": (
             routed(d, h, "top_k", 8, 1, bank_cls=ForcedStrategyBank, strategy="grouped"),

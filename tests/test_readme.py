@@ -1,7 +1,7 @@
 """Every ```python block of the README runs as written, on tiny local models.
 
 Each block runs in a fresh namespace holding only the stand-ins the README names around it (`t5`, `batch`, `tags`,
-`model`, `dataloader`, `args`, `ds`, `path`, `trainer`), so a missing import or a wrong argument fails here."""
+`model`, `dataloader`, `args`, `ds`, `path`, `trainer`, `llama`, `another_llama`, `lora_a`, `lora_b`), so a missing import or a wrong argument fails here."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from hf_condroute import RoutedAdapterConfig
 
-from .conftest import bert_batch, make_bert, make_t5, t5_batch
+from .conftest import bert_batch, make_bert, make_llama, make_t5, t5_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 SNIPPETS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
@@ -35,7 +35,17 @@ def stand_ins(tmp_path: Path) -> dict:
     path = tmp_path / "t5"
     make_t5().save_pretrained(path)
     routed = get_peft_model(make_bert(), RoutedAdapterConfig(num_experts=2, adapter_dim=4, task_type="SEQ_CLS"))
+    loras = []
+    for seed, name in enumerate(("lora_a", "lora_b")):  # two PEFT LoRAs of one base, LoRA's default targets
+        lora = get_peft_model(make_llama(), LoraConfig(r=8, init_lora_weights=False), adapter_name="default")
+        torch.manual_seed(seed)
+        lora.save_pretrained(tmp_path / name)
+        loras.append(str(tmp_path / name))
     return {
+        "llama": make_llama(),
+        "another_llama": make_llama(),
+        "lora_a": loras[0],
+        "lora_b": loras[1],
         "t5": make_t5().train(),
         "batch": batch,
         "tags": torch.tensor([0, 1, 2, 3]),
