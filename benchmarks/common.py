@@ -20,7 +20,7 @@ import json
 import platform
 import statistics
 import time
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -41,7 +41,7 @@ def add_common_args(parser: argparse.ArgumentParser, reps: int, warmup: int, mem
     parser.add_argument("--seed", type=int, default=0)
 
 
-def select_variants(names: Iterable[str], only: Optional[Iterable[str]], baseline: str) -> list[str]:
+def select_variants(names: Iterable[str], only: Iterable[str] | None, baseline: str) -> list[str]:
     """The variants to run, in the order of `names`: all of them without `only`, else the baseline and those
     named in `only`. A name in `only` that is not a variant is a SystemExit listing the valid ones."""
     names = list(names)
@@ -203,11 +203,7 @@ def peak_memory_bytes(step: Callable[[], None], device: torch.device, live_at_st
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if _is_cpu_memory(e)
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if _is_cpu_memory(e))
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -219,7 +215,7 @@ def _is_cpu_memory(event) -> bool:
     return event.name() == "[memory]" and str(event.device_type()).endswith("CPU")
 
 
-def tensor_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes of distinct storages among `tensors` (views of one storage count once)."""
     seen, total = set(), 0
     for t in tensors:
@@ -256,7 +252,7 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def report(payload: dict, table: str, path: Optional[str]) -> None:
+def report(payload: dict, table: str, path: str | None) -> None:
     print(json.dumps(payload, indent=2))
     print()
     print(table)

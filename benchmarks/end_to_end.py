@@ -29,7 +29,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -83,8 +83,16 @@ class AdaptedLinear(nn.Module):
 def t5_small(seed: int) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=32128, d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_decoder_layers=6, num_heads=8,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=32128,
+        d_model=512,
+        d_ff=2048,
+        d_kv=64,
+        num_layers=6,
+        num_decoder_layers=6,
+        num_heads=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     return T5ForConditionalGeneration(config)
 
@@ -196,7 +204,7 @@ def main(argv=None) -> dict:
     # the same ratio without the optimizer step (forward + backward only), and the step's own median
     fwd_bwd_seconds = {}
     for name in names:
-        timed = optimizer_seconds[name][-args.reps:]
+        timed = optimizer_seconds[name][-args.reps :]
         info[name]["optimizer_ms"] = statistics.median(timed) * 1e3
         fwd_bwd_seconds[name] = [w - o for w, o in zip(wall[name], timed)]
     fwd_bwd = summarize(fwd_bwd_seconds, BASELINE)
@@ -206,7 +214,9 @@ def main(argv=None) -> dict:
     if not args.no_memory:
         for name in names:
             model, optimizer = models[name]
-            live = tensor_bytes([*model.parameters(), *model.buffers(), *optimizer_state_tensors(optimizer), *batch.values()])
+            live = tensor_bytes(
+                [*model.parameters(), *model.buffers(), *optimizer_state_tensors(optimizer), *batch.values()]
+            )
             info[name]["state_mb"] = live / 2**20
             info[name]["peak_mb"] = peak_memory_bytes(steps[name], device, live) / 2**20
             info[name]["activation_peak_mb"] = info[name]["peak_mb"] - info[name]["state_mb"]

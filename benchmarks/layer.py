@@ -20,6 +20,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch.nn.functional as F  # noqa: E402
 from common import (  # noqa: E402
     add_common_args,
     environment,
@@ -35,8 +36,6 @@ from common import (  # noqa: E402
 )
 
 from hf_condroute.block import RoutedBlock, RoutingInputs  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
 from hf_condroute.experts import AdapterBank, LoraBank, dispatch, expert_mlp  # noqa: E402
 from hf_condroute.moebert.bank import FFNSliceBank  # noqa: E402
 from hf_condroute.routers import build_router  # noqa: E402
@@ -86,7 +85,9 @@ class FixedDecisionBank(nn.Module):
 
 
 def routed(d: int, adapter_dim: int, router: str, n: int, k: int, granularity="example", bank_cls=AdapterBank, **kw):
-    config = RoutingConfig(router=router, num_experts=n, top_k=k, routing_granularity=granularity, **kw.pop("routing", {}))
+    config = RoutingConfig(
+        router=router, num_experts=n, top_k=k, routing_granularity=granularity, **kw.pop("routing", {})
+    )
     config.validate_routing()
     r = build_router(config, d, "bench")
     make = kw.pop("make_bank", None)
@@ -121,8 +122,10 @@ def variants(d: int, h: int, batch: int) -> dict[str, tuple[nn.Module, str]]:
         "comet N=8 k=2": (routed(d, h, "comet", 8, 2), "per example, experts with weight > 0 (dense early)"),
         "top_k N=8 k=1 per token": (routed(d, h, "top_k", 8, 1, "token"), "each token routed"),
         "LoRA r=h N=8 k=2 per token": (routed(d, h, "top_k", 8, 2, "token", make_bank=lora_bank(d, h)), "LoraBank"),
-        "gated FFN N=8 k=1 per token": (routed(d, h, "top_k", 8, 1, "token", make_bank=gated_bank(d, h)),
-                                        "FFNSliceBank, gated: act(x Wg) * (x Wi) -> Wo"),
+        "gated FFN N=8 k=1 per token": (
+            routed(d, h, "top_k", 8, 1, "token", make_bank=gated_bank(d, h)),
+            "FFNSliceBank, gated: act(x Wg) * (x Wi) -> Wo",
+        ),
         "top_k N=64 k=1 per token": (routed(d, h, "top_k", 64, 1, "token"), "each token routed"),
         "top_k N=8 k=1, grouped forced": (
             routed(d, h, "top_k", 8, 1, bank_cls=ForcedStrategyBank, strategy="grouped"),

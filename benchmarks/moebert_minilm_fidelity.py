@@ -83,7 +83,9 @@ def pair_loader(tokenizer, paragraphs, batch_size: int, max_length: int) -> Data
 
     def collate(rows):
         anchors, positives = zip(*rows)
-        encode = lambda texts: tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")  # noqa: E731
+        encode = lambda texts: tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )  # noqa: E731
         return {"anchor": dict(encode(anchors)), "positive": dict(encode(positives))}
 
     return DataLoader(pairs, batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -139,8 +141,13 @@ def run(args) -> dict:
             model = get_peft_model(
                 AutoModel.from_pretrained(path),
                 RoutedFFNConfig(
-                    num_experts=4, top_k=2, router=router, expert_dim=expert_dim, shared_neurons=shared,
-                    importance=scores, trimmed_lasso_coef=args.trimmed_lasso_coef if router == "moesart" else 0.0,
+                    num_experts=4,
+                    top_k=2,
+                    router=router,
+                    expert_dim=expert_dim,
+                    shared_neurons=shared,
+                    importance=scores,
+                    trimmed_lasso_coef=args.trimmed_lasso_coef if router == "moesart" else 0.0,
                 ),
             )
             before = hidden_state_gap(model, eval_loader)

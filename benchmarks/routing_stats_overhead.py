@@ -20,7 +20,12 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import (
-    T5Config, T5ForConditionalGeneration, Trainer, TrainerControl, TrainerState, TrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
+    Trainer,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
 )
 
 import hf_condroute
@@ -50,13 +55,24 @@ def collate(rows):
 def build(args) -> PeftModel:
     torch.manual_seed(0)
     config = T5Config(
-        vocab_size=args.vocab, d_model=args.d_model, d_ff=2 * args.d_model, d_kv=args.d_model // 4, num_heads=4,
-        num_layers=args.layers, num_decoder_layers=args.layers, pad_token_id=PAD, eos_token_id=EOS,
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        d_ff=2 * args.d_model,
+        d_kv=args.d_model // 4,
+        num_heads=4,
+        num_layers=args.layers,
+        num_decoder_layers=args.layers,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
         decoder_start_token_id=PAD,
     )
     cfg = RoutedAdapterConfig(
-        num_experts=args.experts, adapter_dim=args.d_model // 8, router="top_k", router_aux_loss_coef=0.01,
-        routing_granularity=args.granularity, task_type="SEQ_2_SEQ_LM",
+        num_experts=args.experts,
+        adapter_dim=args.d_model // 8,
+        router="top_k",
+        router_aux_loss_coef=0.01,
+        routing_granularity=args.granularity,
+        task_type="SEQ_2_SEQ_LM",
     )
     return get_peft_model(T5ForConditionalGeneration(config), cfg)
 
@@ -65,11 +81,21 @@ def train_seconds(args, with_callback: bool) -> float:
     model = build(args)
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch, logging_steps=10,
-            report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch,
+            logging_steps=10,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
         )
-        trainer = Trainer(model=model, args=targs, train_dataset=data(args.batch * args.steps, args.vocab, 16, args.experts),
-                          data_collator=collate)
+        trainer = Trainer(
+            model=model,
+            args=targs,
+            train_dataset=data(args.batch * args.steps, args.vocab, 16, args.experts),
+            data_collator=collate,
+        )
         if with_callback:
             RoutingStatsCallback().attach(trainer)
         start = time.perf_counter()
@@ -138,10 +164,12 @@ def main() -> None:
             train_s_with_callback=min(with_cb),
             callback_overhead_ms_per_step=1000 * (min(with_cb) - min(without)) / args.steps,
         )
-    result.update({
-        **callback_hook_ms(args),
-        **save_seconds(args),
-    })
+    result.update(
+        {
+            **callback_hook_ms(args),
+            **save_seconds(args),
+        }
+    )
     print(json.dumps(result, indent=2))
     print("\n| measure | value |\n|---|---|")
     for key, value in result.items():

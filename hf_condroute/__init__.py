@@ -12,8 +12,8 @@ from .callbacks import RoutingStatsCallback
 from .experts import AdapterBank, EmbeddingBank, ExpertBank, LoraBank
 from .hub import save_routing_stats
 from .local_search import LocalSearchCallback, LocalSearchResult, local_search, relabel_experts
-from .multigate import MultiGateBlock
 from .metrics import active_subnetworks, focus_cover, routing_focus_cover, tag_presence
+from .multigate import MultiGateBlock
 from .routers import ROUTERS, Router, RoutingDecision, build_router, register_router
 from .routing_config import RoutingConfig
 from .stats import RoutingStats, RoutingStatsAccumulator, compute_routing_stats, get_routing_stats, set_routing_stats

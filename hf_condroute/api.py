@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
+from .context import ModelRoutingState
 from .routers.base import RoutingDecision
 from .step import RoutingStep
-from .context import ModelRoutingState
 
 
 def _state(model: nn.Module) -> ModelRoutingState:
@@ -22,7 +20,7 @@ def _state(model: nn.Module) -> ModelRoutingState:
     return state
 
 
-def _active_adapter(model: nn.Module, adapter_name: Optional[str]) -> Optional[str]:
+def _active_adapter(model: nn.Module, adapter_name: str | None) -> str | None:
     if adapter_name is not None:
         return adapter_name
     active = getattr(model, "active_adapters", None)
@@ -41,7 +39,7 @@ def last_step(model: nn.Module) -> RoutingStep:
     return step
 
 
-def get_routing(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, RoutingDecision]:
+def get_routing(model: nn.Module, adapter_name: str | None = None) -> dict[str, RoutingDecision]:
     """{block name: decision of the last forward} for the active (or named) adapter.
 
     A decision has `experts` (batch, k) or (batch, tokens, k) (-1: no expert, e.g. padding), `weights` (same
@@ -56,7 +54,7 @@ def get_routing(model: nn.Module, adapter_name: Optional[str] = None) -> dict[st
     return out
 
 
-def block_name(record_key, adapter: Optional[str]) -> Optional[str]:
+def block_name(record_key, adapter: str | None) -> str | None:
     """The block name in a record key (`name`, or `(adapter, name)` in PEFT layers); None when the key belongs to
     another adapter than `adapter` (None: any adapter)."""
     if isinstance(record_key, tuple):

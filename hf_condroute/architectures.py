@@ -8,7 +8,6 @@ An architecture not in the table still works when the user names `target_modules
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from torch import nn
 
@@ -30,13 +29,13 @@ class FFNLayout:
     in_proj: tuple[str, ...]
     out_proj: str
     activation: str
-    dropout: Optional[str] = None
+    dropout: str | None = None
 
 
 @dataclass(frozen=True)
 class Architecture:
     # routed adapters after self-attention and after the FFN (paper A), or a regex on module names (PEFT fullmatches it)
-    adapter_targets: Union[tuple[str, ...], str]
+    adapter_targets: tuple[str, ...] | str
     ffn_layouts: tuple[FFNLayout, ...] = ()  # candidates, the first whose pieces exist wins (T5: gated, else plain)
     hidden_size_attr: str = "hidden_size"  # the config attribute of the model's width
     causal: bool = False  # a causal LM: per-example routing would pool over future tokens
@@ -52,18 +51,24 @@ _T5_FFN = (
         "DenseReluDense.act",
         "DenseReluDense.dropout",
     ),
-    FFNLayout("DenseReluDense", ("DenseReluDense.wi",), "DenseReluDense.wo", "DenseReluDense.act", "DenseReluDense.dropout"),
+    FFNLayout(
+        "DenseReluDense", ("DenseReluDense.wi",), "DenseReluDense.wo", "DenseReluDense.act", "DenseReluDense.dropout"
+    ),
 )
 _LLAMA_FFN = (FFNLayout("mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp.act_fn"),)
 
 _BERT = Architecture(("attention.output.dense", "output.dense"), _BERT_FFN)
 # not after cross-attention: `o` alone would also match EncDecAttention.o
 _T5 = Architecture(
-    ("SelfAttention.o", "DenseReluDense.wo"), _T5_FFN, hidden_size_attr="d_model",
+    ("SelfAttention.o", "DenseReluDense.wo"),
+    _T5_FFN,
+    hidden_size_attr="d_model",
     cross_attention_kv=("EncDecAttention.k", "EncDecAttention.v"),
 )
 _BART = Architecture(
-    ("self_attn.out_proj", "fc2"), hidden_size_attr="d_model", cross_attention_kv=("encoder_attn.k_proj", "encoder_attn.v_proj")
+    ("self_attn.out_proj", "fc2"),
+    hidden_size_attr="d_model",
+    cross_attention_kv=("encoder_attn.k_proj", "encoder_attn.v_proj"),
 )
 _LLAMA = Architecture(("self_attn.o_proj", "mlp.down_proj"), _LLAMA_FFN, causal=True)
 
@@ -86,7 +91,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 # the views PEFT and the routed FFN read: default `target_modules` per model type, and FFN layouts
-ROUTED_ADAPTER_TARGET_MODULES: dict[str, Union[list[str], str]] = {
+ROUTED_ADAPTER_TARGET_MODULES: dict[str, list[str] | str] = {
     k: a.adapter_targets if isinstance(a.adapter_targets, str) else list(a.adapter_targets)
     for k, a in ARCHITECTURES.items()
 }
@@ -96,7 +101,7 @@ ROUTED_FFN_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
-def architecture_of(model: nn.Module) -> Optional[Architecture]:
+def architecture_of(model: nn.Module) -> Architecture | None:
     config = getattr(model, "config", None)
     return ARCHITECTURES.get(getattr(config, "model_type", None) or "")
 
@@ -108,7 +113,7 @@ def reads_encoder_output(model: nn.Module, module_name: str) -> bool:
     return arch is not None and any(module_name.endswith("." + n) for n in arch.cross_attention_kv)
 
 
-def hidden_size(config) -> Optional[int]:
+def hidden_size(config) -> int | None:
     """The model's width from its config: the table's attribute, else the usual names."""
     known = ARCHITECTURES.get(getattr(config, "model_type", None) or "")
     names = ((known.hidden_size_attr,) if known else ()) + ("hidden_size", "d_model", "dim")

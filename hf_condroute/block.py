@@ -7,7 +7,6 @@ Every place that routes uses this block: the PEFT adapter tuner, the routed FFN,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -25,15 +24,15 @@ class RoutingInputs:
     example; the tensors the library derives once per example (mask, pooled features, content keys) are repeated
     when the batch is a multiple of their rows (beam search expands each example after the encoder ran)."""
 
-    mask: Optional[torch.Tensor] = None  # (B, L) 1 for real tokens; longer masks are right-aligned to L
-    pooled: Optional[torch.Tensor] = None  # (B, D') per-example routing features replacing the mean of x
-    tags: Optional[torch.Tensor] = None  # (B,) or (B, G) long, -100 unknown
-    keys: Optional[torch.Tensor] = None  # (B,) per-example hash keys, or (B, L) per-token ones (replace token_ids)
-    token_ids: Optional[torch.Tensor] = None  # (B, L) token ids, the keys of per-token hash routing
-    step: Optional[RoutingStep] = None  # where decisions and losses are recorded (None: not recorded)
+    mask: torch.Tensor | None = None  # (B, L) 1 for real tokens; longer masks are right-aligned to L
+    pooled: torch.Tensor | None = None  # (B, D') per-example routing features replacing the mean of x
+    tags: torch.Tensor | None = None  # (B,) or (B, G) long, -100 unknown
+    keys: torch.Tensor | None = None  # (B,) per-example hash keys, or (B, L) per-token ones (replace token_ids)
+    token_ids: torch.Tensor | None = None  # (B, L) token ids, the keys of per-token hash routing
+    step: RoutingStep | None = None  # where decisions and losses are recorded (None: not recorded)
 
 
-def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of x (B, L, D) over positions where mask (B, L) is set; the plain mean without a mask.
 
     Written so that no (B, L, D) temporary is made: `sum`'s backward is a broadcast view that autograd adds
@@ -41,18 +40,18 @@ def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     matmul rather than x * mask."""
     if mask is None:
         return x.sum(dim=1) / x.shape[1]
-    m = mask[:, -x.shape[1]:].to(x.dtype)
+    m = mask[:, -x.shape[1] :].to(x.dtype)
     return torch.bmm(m.unsqueeze(1), x).squeeze(1) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def match_rows(
-    t: Optional[torch.Tensor],
+    t: torch.Tensor | None,
     batch: int,
     what: str,
     block: str,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
     repeat: bool = True,
-) -> Optional[torch.Tensor]:
+) -> torch.Tensor | None:
     """t on `device` with one row per example of the batch; with `repeat`, rows are repeated for beam search."""
     if t is None:
         return None
@@ -68,7 +67,7 @@ def match_rows(
     )
 
 
-def select_tags(tags: Optional[torch.Tensor], group: int, block: str) -> Optional[torch.Tensor]:
+def select_tags(tags: torch.Tensor | None, group: int, block: str) -> torch.Tensor | None:
     """Validate the shape and dtype of routing tags and pick the block's tag group: (B,) or (B, G) -> (B,)."""
     if tags is None:
         return None
@@ -101,11 +100,11 @@ class RoutedRows:
 
     rows: torch.Tensor  # (R, T, D) what the bank runs on
     features: torch.Tensor  # (R, D') what the router sees
-    keys: Optional[torch.Tensor]  # (R,) hash keys
+    keys: torch.Tensor | None  # (R,) hash keys
     batch: int
     length: int
-    row_example: Optional[torch.Tensor] = None
-    row_mask: Optional[torch.Tensor] = None
+    row_example: torch.Tensor | None = None
+    row_mask: torch.Tensor | None = None
     every_token: bool = False
 
 
@@ -137,14 +136,14 @@ class RoutedBlock(nn.Module):
         self.name = name
         self.record_key = name  # key of its records in a RoutingStep (the PEFT layer adds the adapter name)
 
-    def forward(self, x: torch.Tensor, inputs: Optional[RoutingInputs] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: RoutingInputs | None = None) -> torch.Tensor:
         inputs = inputs or RoutingInputs()
         r = self.routed_rows(x, inputs)
         decision, weights = self.decide(self.router, self.record_key, r, inputs)
         return self.scatter(self.run_experts(self.router, r, decision, weights), r, x)
 
     # ----- the phases of a forward, shared with MultiGateBlock ------------------------------------------------
-    def routed_rows(self, x: torch.Tensor, inputs: RoutingInputs) -> "RoutedRows":
+    def routed_rows(self, x: torch.Tensor, inputs: RoutingInputs) -> RoutedRows:
         """The rows the bank runs on and the routing features, keys and row bookkeeping the routers see."""
         seq = x if x.dim() == 3 else x.reshape(x.shape[0], 1, x.shape[-1])
         batch, length = seq.shape[0], seq.shape[1]
@@ -183,7 +182,7 @@ class RoutedBlock(nn.Module):
             keys = token_ids[row_mask] if token_ids is not None else None
         return RoutedRows(rows, rows.squeeze(1), keys, batch, length, row_example, row_mask, every_token)
 
-    def decide(self, router: Router, record_key, r: "RoutedRows", inputs: RoutingInputs):
+    def decide(self, router: Router, record_key, r: RoutedRows, inputs: RoutingInputs):
         """router's decision on the rows, recorded under `record_key`; returns it and the combine weights (which
         carry the auxiliary losses' gradients in training)."""
         name = self.name
@@ -216,13 +215,13 @@ class RoutedBlock(nn.Module):
                 inputs.step.record(record_key, record)
         return decision, weights
 
-    def run_experts(self, router: Router, r: "RoutedRows", decision: RoutingDecision, weights: torch.Tensor):
+    def run_experts(self, router: Router, r: RoutedRows, decision: RoutingDecision, weights: torch.Tensor):
         bank_experts = router.bank_experts(decision.experts)  # router labels -> bank experts (local search)
         if router.merges_experts:  # SMEAR: the weights average the chosen experts' parameters
             return self.experts(r.rows, bank_experts, weights, merge=True)
         return self.experts(r.rows, bank_experts, weights)
 
-    def scatter(self, out: torch.Tensor, r: "RoutedRows", x: torch.Tensor) -> torch.Tensor:
+    def scatter(self, out: torch.Tensor, r: RoutedRows, x: torch.Tensor) -> torch.Tensor:
         """The bank's row outputs back in x's layout (zeros at padding tokens)."""
         if r.row_mask is not None and not r.every_token:
             full = out.new_zeros(r.batch, r.length, out.shape[-1])

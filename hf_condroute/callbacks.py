@@ -15,16 +15,16 @@ to `routing_stats.json`.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import fields
-from typing import Optional, Sequence, Union
 
 from accelerate.state import GradientState, PartialState
 from transformers import DefaultFlowCallback, TrainerCallback
 
 from .api import _active_adapter, _state, block_name, get_routing, last_step
+from .context import ModelRoutingState
 from .routers.base import RoutingDecision
 from .stats import RoutingStats, RoutingStatsAccumulator, set_routing_stats
-from .context import ModelRoutingState
 
 PREFIX = "routing_"
 
@@ -50,8 +50,8 @@ class RoutingStatsCallback(TrainerCallback):
     def __init__(
         self,
         collapse_threshold: float = 0.9,
-        tags_per_group: Union[int, Sequence[int], None] = None,
-        tag_names: Optional[Sequence[str]] = None,
+        tags_per_group: int | Sequence[int] | None = None,
+        tag_names: Sequence[str] | None = None,
         per_block: bool = False,
         flip_rate: bool = True,
     ):
@@ -67,9 +67,9 @@ class RoutingStatsCallback(TrainerCallback):
         self._train = RoutingStatsAccumulator()
         self._eval = self._new_eval()
         self._previous_decisions: dict[str, dict] = {}
-        self._seen_step: Optional[int] = None
+        self._seen_step: int | None = None
 
-    def attach(self, trainer) -> "RoutingStatsCallback":
+    def attach(self, trainer) -> RoutingStatsCallback:
         """Add this callback to `trainer` right after its `DefaultFlowCallback`, before the reporting
         integrations, so they log the routing metrics too."""
         callbacks = trainer.callback_handler.callbacks
@@ -160,8 +160,10 @@ class RoutingStatsCallback(TrainerCallback):
         original = dict(logs)
         logs.update(added)
         history = state.log_history[-1] if state.log_history else None
-        if history is not None and history.get("step") == state.global_step and all(
-            history.get(k) == v for k, v in original.items()
+        if (
+            history is not None
+            and history.get("step") == state.global_step
+            and all(history.get(k) == v for k, v in original.items())
         ):
             history.update(added)
 
@@ -175,14 +177,14 @@ class RoutingStatsCallback(TrainerCallback):
     def on_predict(self, args, state, control, **kwargs):
         self._eval = self._new_eval()
 
-    def _finish_eval(self, state, model, prefix: str) -> Optional[RoutingStats]:
+    def _finish_eval(self, state, model, prefix: str) -> RoutingStats | None:
         acc, self._eval = self._eval, self._new_eval()
         if self.flip_rate and not acc.empty:
             acc.compare_decisions(self._previous_decisions.get(prefix, {}))
             self._previous_decisions[prefix] = acc.decisions
         return self._finish(acc, prefix, state, model)
 
-    def _finish(self, acc: RoutingStatsAccumulator, split: str, state, model) -> Optional[RoutingStats]:
+    def _finish(self, acc: RoutingStatsAccumulator, split: str, state, model) -> RoutingStats | None:
         """Merge the processes' sums; the statistics (kept on the model), or None when no process saw a batch."""
         acc.merge_processes()
         if acc.empty:
@@ -231,13 +233,15 @@ def _without_padding(routing: dict, tags):
     if keep == batch:
         return routing, tags
     trimmed = {
-        name: RoutingDecision(**{f.name: None if getattr(d, f.name) is None else getattr(d, f.name)[:keep] for f in fields(d)})
+        name: RoutingDecision(
+            **{f.name: None if getattr(d, f.name) is None else getattr(d, f.name)[:keep] for f in fields(d)}
+        )
         for name, d in routing.items()
     }
     return trimmed, None if tags is None else tags[:keep]
 
 
-def _eval_prefix(logs: dict) -> Optional[str]:
+def _eval_prefix(logs: dict) -> str | None:
     """The metric prefix of an evaluation's logs ("eval", "eval_<name>"), from its `<prefix>_runtime` key;
     None for training logs (including the final `train_runtime` summary)."""
     for key in logs:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 

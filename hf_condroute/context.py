@@ -25,7 +25,6 @@ from __future__ import annotations
 import inspect
 import types
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn
@@ -69,7 +68,7 @@ def warn_if_causal_example_routing(model: nn.Module, config) -> None:
 BATCH_SOURCES = ("input_ids", "inputs_embeds", "pixel_values", "decoder_input_ids", "decoder_inputs_embeds")
 
 
-def _batch_size(kwargs: dict) -> tuple[Optional[int], str]:
+def _batch_size(kwargs: dict) -> tuple[int | None, str]:
     """The number of examples of a forward and the argument it was read from."""
     for name in BATCH_SOURCES:
         t = kwargs.get(name)
@@ -89,24 +88,24 @@ class ModelRoutingState:
         self.model = model
         config = getattr(model, "config", None)
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        self.step: Optional[RoutingStep] = None
-        self.tags: Optional[torch.Tensor] = None
-        self.keys: Optional[torch.Tensor] = None  # routing_keys as given, else the input-id content of each example
+        self.step: RoutingStep | None = None
+        self.tags: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None  # routing_keys as given, else the input-id content of each example
         self.keys_explicit = False
-        self.labels: Optional[torch.Tensor] = None
-        self.masks: dict[str, Optional[torch.Tensor]] = {"self": None, "encoder": None, "decoder": None}
-        self.token_ids: dict[str, Optional[torch.Tensor]] = {"self": None, "encoder": None, "decoder": None}
-        self.encoder_pooled: Optional[torch.Tensor] = None
+        self.labels: torch.Tensor | None = None
+        self.masks: dict[str, torch.Tensor | None] = {"self": None, "encoder": None, "decoder": None}
+        self.token_ids: dict[str, torch.Tensor | None] = {"self": None, "encoder": None, "decoder": None}
+        self.encoder_pooled: torch.Tensor | None = None
         self._inside_forward = False
         self._signature = inspect.signature(type(model).forward)
         self._handles: list = []
-        self.decoder_prefix: Optional[str] = None
-        self.encoder_hidden_size: Optional[int] = None
+        self.decoder_prefix: str | None = None
+        self.encoder_hidden_size: int | None = None
         self._install()
 
     # ----- set-up -----------------------------------------------------------------------------------
     @classmethod
-    def of(cls, model: nn.Module) -> "ModelRoutingState":
+    def of(cls, model: nn.Module) -> ModelRoutingState:
         state = model.__dict__.get(_STATE_ATTR)
         if state is None:
             state = cls(model)
@@ -114,7 +113,7 @@ class ModelRoutingState:
         return state
 
     @classmethod
-    def find(cls, model: nn.Module) -> Optional["ModelRoutingState"]:
+    def find(cls, model: nn.Module) -> ModelRoutingState | None:
         for module in model.modules():
             state = module.__dict__.get(_STATE_ATTR)
             if state is not None:
@@ -189,7 +188,7 @@ class ModelRoutingState:
         )
 
     # ----- hooks ------------------------------------------------------------------------------------
-    def _take_routing_kwargs(self, kwargs: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _take_routing_kwargs(self, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         tags, keys = kwargs.pop("routing_tags", None), kwargs.pop("routing_keys", None)
         if tags is not None and not isinstance(tags, torch.Tensor):
             tags = torch.as_tensor(tags)
@@ -208,7 +207,11 @@ class ModelRoutingState:
             if t.dim() == 0:
                 raise ValueError(
                     f"{name} is a single number, but it needs one row per example: pass a tensor of shape (batch,)"
-                    + (" or (batch, tokens) for per-token routing." if name == "routing_keys" else " or (batch, groups).")
+                    + (
+                        " or (batch, tokens) for per-token routing."
+                        if name == "routing_keys"
+                        else " or (batch, groups)."
+                    )
                 )
             if batch is not None and t.shape[0] != batch:
                 raise ValueError(
@@ -247,7 +250,11 @@ class ModelRoutingState:
             self.masks["decoder"] = kwargs.get("decoder_attention_mask")
             self.token_ids["decoder"] = kwargs.get("decoder_input_ids")
             if encoder_outputs is not None:
-                hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+                hidden = (
+                    encoder_outputs[0]
+                    if isinstance(encoder_outputs, (tuple, list))
+                    else encoder_outputs.last_hidden_state
+                )
                 self.encoder_pooled = masked_mean(hidden.detach(), mask)
         else:
             self.masks["self"] = mask

@@ -16,7 +16,6 @@ decision per pixel) is not offered: a block on a feature map routes per example.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
 
 import torch
 
@@ -44,7 +43,7 @@ def check_feature_map(x, channels: int, where: str) -> None:
         )
 
 
-def route_feature_map(block: RoutedBlock, x: torch.Tensor, inputs: Optional[RoutingInputs] = None) -> torch.Tensor:
+def route_feature_map(block: RoutedBlock, x: torch.Tensor, inputs: RoutingInputs | None = None) -> torch.Tensor:
     """The routed block's output on a feature map x (B, C, H, W), shaped like x: each example routes on its spatial
     mean; attention masks do not apply to pixels and are ignored."""
     if block.granularity != "example":

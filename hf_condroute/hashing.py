@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import zlib
 from functools import lru_cache
-from typing import Optional
 
 import torch
 
@@ -25,11 +24,13 @@ def _powers(length: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def content_keys(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def content_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One key per row from the content of its non-padding tokens (position among kept tokens), so left and right
     padding of the same text give the same key."""
     ids = input_ids.long()
-    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask[:, -ids.shape[1]:].bool()
+    mask = (
+        torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask[:, -ids.shape[1] :].bool()
+    )
     position = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     powers = torch.tensor(_powers(ids.shape[1]), dtype=torch.long, device=ids.device)[position]
     terms = ((ids % _PRIME + 1) * powers) % _PRIME * mask.long()

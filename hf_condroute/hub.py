@@ -28,8 +28,8 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
@@ -94,7 +94,7 @@ def routing_stats_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     )
 
 
-def preferred_split(record: dict) -> Optional[str]:
+def preferred_split(record: dict) -> str | None:
     """The split a card and heatmaps show: evaluation if known, else training."""
     splits = record.get("splits") or {}
     for name in ("eval", *sorted(s for s in splits if s.startswith("eval")), "train", *sorted(splits)):
@@ -103,7 +103,7 @@ def preferred_split(record: dict) -> Optional[str]:
     return None
 
 
-def write_heatmaps(record: dict, folder: str, split: Optional[str] = None) -> dict[str, str]:
+def write_heatmaps(record: dict, folder: str, split: str | None = None) -> dict[str, str]:
     """Draw the heatmaps of a routing_stats record (of `split`, default `preferred_split`) into `folder`;
     {kind: file name}. The alignment comes from another split when `split` has none."""
     from . import plots  # matplotlib only when drawing
@@ -114,14 +114,21 @@ def write_heatmaps(record: dict, folder: str, split: Optional[str] = None) -> di
     stats = record["splits"][split]
     out = {}
     if stats.get("blocks"):
-        plots.plot_expert_load(stats["blocks"], os.path.join(folder, plots.LOAD_PNG),
-                               f"Expert load per block ({split})")
+        plots.plot_expert_load(
+            stats["blocks"], os.path.join(folder, plots.LOAD_PNG), f"Expert load per block ({split})"
+        )
         out["load"] = plots.LOAD_PNG
-    aligned = next((record["splits"][s] for s in (split, *record["splits"]) if record["splits"][s].get("alignment")), None)
+    aligned = next(
+        (record["splits"][s] for s in (split, *record["splits"]) if record["splits"][s].get("alignment")), None
+    )
     if aligned is not None:
-        plots.plot_alignment(aligned["alignment"], aligned["tag_labels"], aligned["subnetwork_labels"],
-                             os.path.join(folder, plots.ALIGNMENT_PNG),
-                             f"Tag / subnetwork alignment ({aligned['split']})")
+        plots.plot_alignment(
+            aligned["alignment"],
+            aligned["tag_labels"],
+            aligned["subnetwork_labels"],
+            os.path.join(folder, plots.ALIGNMENT_PNG),
+            f"Tag / subnetwork alignment ({aligned['split']})",
+        )
         out["alignment"] = plots.ALIGNMENT_PNG
     return out
 
@@ -132,7 +139,7 @@ def adapter_dir(save_directory: str, adapter_name: str) -> str:
 
 
 def save_routing_stats(
-    model: nn.Module, save_directory: str, adapter_names: Optional[Sequence[str]] = None, model_card: bool = True
+    model: nn.Module, save_directory: str, adapter_names: Sequence[str] | None = None, model_card: bool = True
 ) -> list[str]:
     """Write routing_stats.json and its heatmaps beside each routed adapter, then the model card.
 
@@ -207,8 +214,13 @@ def _adapter_view(name: str, record: dict) -> dict:
     prefix = f"{record['_relative_dir']}/" if record.get("_relative_dir") else ""
     coefs = [
         (k, config[k])
-        for k in ("router_aux_loss_coef", "router_z_loss_coef", "tag_supervision_coef", "trimmed_lasso_coef",
-                  "router_jitter_noise")
+        for k in (
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "tag_supervision_coef",
+            "trimmed_lasso_coef",
+            "router_jitter_noise",
+        )
         if config.get(k)
     ]
     view = {
@@ -228,13 +240,15 @@ def _adapter_view(name: str, record: dict) -> dict:
     stats = record["splits"][split]
     summary = stats.get("summary", {})
     rows = [(label, _fmt(summary[key])) for key, label in _SUMMARY_LABELS.items() if key in summary]
-    rows += [(f"Mean auxiliary loss `{k[5:]}` per step", _fmt(v, 4)) for k, v in summary.items() if k.startswith("loss_")]
+    rows += [
+        (f"Mean auxiliary loss `{k[5:]}` per step", _fmt(v, 4)) for k, v in summary.items() if k.startswith("loss_")
+    ]
     heatmaps = record.get("heatmaps", {})
     view.update(
         stats=stats,
         summary_rows=rows,
         focus_cover_note=(
-            "Focus and Cover summarise the F1 score between \"tag i present\" and \"subnetwork j active\" over the "
+            'Focus and Cover summarise the F1 score between "tag i present" and "subnetwork j active" over the '
             "examples: Focus is the mean over subnetworks (experts of every block) of the best tag, Cover the mean "
             "over tags of the best subnetwork. Both are 1 when each subnetwork serves one tag and each tag has one."
             if "focus" in summary
@@ -264,8 +278,12 @@ def _versions() -> list[tuple[str, str]]:
 
     from . import __version__
 
-    return [("hf_condroute", __version__), ("PEFT", peft.__version__), ("Transformers", transformers.__version__),
-            ("PyTorch", torch.__version__)]
+    return [
+        ("hf_condroute", __version__),
+        ("PEFT", peft.__version__),
+        ("Transformers", transformers.__version__),
+        ("PyTorch", torch.__version__),
+    ]
 
 
 def template_path(name: str = DEFAULT_TEMPLATE) -> Path:
@@ -283,7 +301,7 @@ def template_path(name: str = DEFAULT_TEMPLATE) -> Path:
     )
 
 
-def render_model_card(folder: str, template: Optional[str] = None, repo_hint: Optional[str] = None) -> str:
+def render_model_card(folder: str, template: str | None = None, repo_hint: str | None = None) -> str:
     """The routing part of the model card of a saved folder, from its routing_stats.json files (markdown,
     between the generated-section markers)."""
     records = load_routing_stats(folder)
@@ -292,8 +310,9 @@ def render_model_card(folder: str, template: Optional[str] = None, repo_hint: Op
     adapters = [_adapter_view(name, record) for name, record in records.items()]
     first = next(iter(records.values()))
     path = Path(template) if template is not None else template_path()
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(path.parent)), keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(path.parent)), keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
     body = env.get_template(path.name).render(
         title=f"Routed adapter: {first.get('routing_config', {}).get('router', 'routed')} routing"
         + (f" on {first['base_model']}" if first.get("base_model") else ""),
@@ -325,7 +344,7 @@ def _is_boilerplate(text: str) -> bool:
     return True
 
 
-def update_model_card(folder: str, template: Optional[str] = None) -> Optional[str]:
+def update_model_card(folder: str, template: str | None = None) -> str | None:
     """Put the routing section into `folder`/README.md (creating it if needed); None if the folder has no
     routing_stats.json. A previous routing section is replaced, a default template body replaced, and any
     other text kept, with the section appended."""

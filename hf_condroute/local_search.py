@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -69,9 +69,9 @@ def evaluate(model: nn.Module, batches: list, loss_fn: Callable) -> float:
 def local_search(
     model: nn.Module,
     batches: Iterable[dict],
-    loss_fn: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
     rounds: int = 1,
-    max_swaps_per_block: Optional[int] = None,
+    max_swaps_per_block: int | None = None,
     min_improvement: float = 0.0,
     seed: int = 0,
 ) -> LocalSearchResult:
@@ -151,7 +151,9 @@ class LocalSearchCallback(TrainerCallback):
     (e.g. a few held-out training batches, moved to the model's device); the other arguments go to
     `local_search`. Results are kept in `self.results` as (step, LocalSearchResult)."""
 
-    def __init__(self, batches: Iterable[dict], every_n_steps: int = 100, until_step: Optional[int] = None, **search_kwargs):
+    def __init__(
+        self, batches: Iterable[dict], every_n_steps: int = 100, until_step: int | None = None, **search_kwargs
+    ):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
         self.batches = list(batches)
@@ -167,7 +169,10 @@ class LocalSearchCallback(TrainerCallback):
         result = local_search(model, self.batches, **self.search_kwargs)
         self.results.append((step, result))
         logger.info(
-            "local search at step %d: loss %.5f -> %.5f, %d swaps kept", step, result.initial_loss, result.final_loss,
+            "local search at step %d: loss %.5f -> %.5f, %d swaps kept",
+            step,
+            result.initial_loss,
+            result.final_loss,
             len(result.accepted),
         )
         return control

@@ -7,8 +7,6 @@ section 3.2, and the REINFORCE terms as paper A eq. (1)-(2) with the usual signs
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -53,7 +51,7 @@ def policy_loss(log_prob: torch.Tensor, reward: torch.Tensor, baseline: torch.Te
     return -(advantage * log_prob).mean()
 
 
-def entropy(probs: torch.Tensor, log_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+def entropy(probs: torch.Tensor, log_probs: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows of the entropy of the routing distribution (in nats)."""
     if log_probs is None:
         log_probs = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -89,7 +88,9 @@ def focus_cover(active, tag_present, known=None) -> tuple[float, float, torch.Te
     """
     alignment = alignment_matrix(active, tag_present, known)
     if alignment.numel() == 0:
-        raise ValueError(f"focus_cover needs at least one subnetwork and one tag, got alignment {tuple(alignment.shape)}.")
+        raise ValueError(
+            f"focus_cover needs at least one subnetwork and one tag, got alignment {tuple(alignment.shape)}."
+        )
     present = _as_bool(tag_present, "tag_present")
     if known is not None:
         present = present & _as_bool(known, "known")
@@ -109,7 +110,7 @@ def focus_cover_scores(alignment: torch.Tensor) -> tuple[float, float]:
     return float(alignment.max(dim=0).values.mean()), float(alignment.max(dim=1).values.mean())
 
 
-def _batches(routing: Union[Routing, Sequence[Routing]]) -> list[Routing]:
+def _batches(routing: Routing | Sequence[Routing]) -> list[Routing]:
     if isinstance(routing, Mapping):
         return [routing]
     batches = list(routing)
@@ -124,7 +125,7 @@ def _experts_per_example(decision: RoutingDecision) -> torch.Tensor:
     return e.reshape(e.shape[0], -1)
 
 
-def block_active(decision: RoutingDecision, num_experts: Optional[int] = None) -> torch.Tensor:
+def block_active(decision: RoutingDecision, num_experts: int | None = None) -> torch.Tensor:
     """bool (B, N): expert j ran for example b (for per-token routing: for at least one of its tokens)."""
     n = num_experts if num_experts is not None else decision.probs.shape[-1]
     e = _experts_per_example(decision).cpu()
@@ -134,7 +135,7 @@ def block_active(decision: RoutingDecision, num_experts: Optional[int] = None) -
     return out[:, :n]
 
 
-def active_subnetworks(routing: Union[Routing, Sequence[Routing]]) -> torch.Tensor:
+def active_subnetworks(routing: Routing | Sequence[Routing]) -> torch.Tensor:
     """bool (examples, C): which of the C subnetworks (every expert of every block, blocks in order) each
     example ran through. `routing` is `hf_condroute.get_routing(model)` of one forward, or a list of them over
     batches (examples concatenated in order)."""
@@ -152,13 +153,13 @@ def active_subnetworks(routing: Union[Routing, Sequence[Routing]]) -> torch.Tens
     return torch.cat(rows, dim=0)
 
 
-def subnetwork_labels(routing: Union[Routing, Sequence[Routing]]) -> list[str]:
+def subnetwork_labels(routing: Routing | Sequence[Routing]) -> list[str]:
     """Names of the columns of `active_subnetworks`: "<block>:<expert>"."""
     first = _batches(routing)[0]
     return [f"{name}:{j}" for name, d in first.items() for j in range(d.probs.shape[-1])]
 
 
-def tag_presence(tags, tags_per_group: Union[int, Sequence[int], None] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tag_presence(tags, tags_per_group: int | Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indicator matrices of tags: (present, known), both bool (examples, T).
 
     tags: (examples,) for one tag group, or (examples, G) for G groups (DAE-Syn: 4 factors x 8 values);
@@ -185,7 +186,9 @@ def tag_presence(tags, tags_per_group: Union[int, Sequence[int], None] = None) -
     else:
         sizes = [int(s) for s in tags_per_group]
         if len(sizes) != groups:
-            raise ValueError(f"tags have {groups} groups but tags_per_group gives {len(sizes)} sizes: give one per group.")
+            raise ValueError(
+                f"tags have {groups} groups but tags_per_group gives {len(sizes)} sizes: give one per group."
+            )
     bad = known_tag & ((t < 0) | (t >= torch.tensor(sizes).unsqueeze(0)))
     if bool(bad.any()):
         g = int(bad.nonzero()[0, 1])
@@ -206,7 +209,7 @@ def tag_presence(tags, tags_per_group: Union[int, Sequence[int], None] = None) -
 
 
 def routing_focus_cover(
-    routing: Union[Routing, Sequence[Routing]], tags, tags_per_group: Union[int, Sequence[int], None] = None
+    routing: Routing | Sequence[Routing], tags, tags_per_group: int | Sequence[int] | None = None
 ) -> tuple[float, float, torch.Tensor]:
     """Focus/Cover straight from decisions (`get_routing(model)`, or a list over batches) and their tags."""
     active = active_subnetworks(routing)
@@ -265,7 +268,7 @@ def fraction_used(counts: torch.Tensor) -> float:
     return float((counts > 0).double().mean())
 
 
-def mean_probs_entropy(probs: torch.Tensor, experts: Optional[torch.Tensor] = None) -> float:
+def mean_probs_entropy(probs: torch.Tensor, experts: torch.Tensor | None = None) -> float:
     """Mean over routed rows of the normalised entropy of the router's distribution (how undecided it is);
     rows whose slots are all -1 (padding) are left out when `experts` is given."""
     n = probs.shape[-1]

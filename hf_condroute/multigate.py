@@ -12,8 +12,6 @@ parameters (`smear`) each run their own merged expert: a merged expert belongs t
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -48,7 +46,7 @@ class MultiGateBlock(RoutedBlock):
         self.name = name
         self.record_key = name
 
-    def forward(self, x: torch.Tensor, inputs: Optional[RoutingInputs] = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, inputs: RoutingInputs | None = None) -> dict[str, torch.Tensor]:
         inputs = inputs or RoutingInputs()
         r = self.routed_rows(x, inputs)
         outputs: dict[str, torch.Tensor] = {}
@@ -71,7 +69,10 @@ class MultiGateBlock(RoutedBlock):
         # per slot, the weight each gate gives it (R, S, G): a gate weighs only its own slots
         onehot = torch.eye(len(gates), dtype=dtype, device=experts.device)
         slot_weights = torch.cat(
-            [decisions[g][1].to(dtype).masked_fill(decisions[g][0] < 0, 0.0).unsqueeze(-1) * onehot[i] for i, g in enumerate(gates)],
+            [
+                decisions[g][1].to(dtype).masked_fill(decisions[g][0] < 0, 0.0).unsqueeze(-1) * onehot[i]
+                for i, g in enumerate(gates)
+            ],
             dim=1,
         )
         # a slot repeating an expert already in its row hands its weights to the first slot with that expert

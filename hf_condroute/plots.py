@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -54,11 +54,11 @@ def short_block_name(name: str) -> str:
     """Drop the wrappers' prefixes PEFT adds, keep what tells blocks apart."""
     for prefix in ("base_model.model.", "model."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name
 
 
-def plot_expert_load(blocks: dict, path: str, title: Optional[str] = None) -> str:
+def plot_expert_load(blocks: dict, path: str, title: str | None = None) -> str:
     """Blocks x experts heatmap of each block's share of assignments (`blocks`: name -> BlockStats or its dict)."""
     loads = [b["load"] if isinstance(b, dict) else b.load for b in blocks.values()]
     width = max(len(load) for load in loads)
@@ -78,8 +78,11 @@ def plot_expert_load(blocks: dict, path: str, title: Optional[str] = None) -> st
 
 
 def plot_alignment(
-    alignment: Sequence[Sequence[float]], tag_labels: Sequence[str], subnetwork_labels: Sequence[str], path: str,
-    title: Optional[str] = None,
+    alignment: Sequence[Sequence[float]],
+    tag_labels: Sequence[str],
+    subnetwork_labels: Sequence[str],
+    path: str,
+    title: str | None = None,
 ) -> str:
     """Tags x subnetworks heatmap of the F1 alignment behind Focus/Cover. Subnetworks ("<block>:<expert>") are
     labelled b<block index>:<expert>, blocks in the order of `subnetwork_labels`, separated by white lines."""

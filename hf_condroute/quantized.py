@@ -8,7 +8,7 @@ index it, cast it or ask it for gradients, which is what this module is for.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .hub import ROUTING_STATS_NAME, load_routing_stats, preferred_split, write_heatmaps
 from .plots import short_block_name
@@ -26,9 +26,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
     def line(row):
-        return "  ".join(
-            c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(row, widths)
-        ).rstrip()
+        return "  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(row, widths)).rstrip()
 
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
@@ -41,11 +39,14 @@ def _numeric(text: str) -> bool:
         return False
 
 
-def report(folder: str, out: Optional[str] = None, split: Optional[str] = None, plots: bool = True) -> str:
+def report(folder: str, out: str | None = None, split: str | None = None, plots: bool = True) -> str:
     """The text report of a saved folder; draws the heatmaps into `out` (default: beside each adapter)."""
     records = load_routing_stats(folder)
     if not records:
-        checkpoints = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+        checkpoints = sorted(
+            Path(folder).glob("checkpoint-*"),
+            key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
+        )
         hint = f" It has Trainer checkpoints: pass one, e.g. {checkpoints[-1]}." if checkpoints else ""
         raise FileNotFoundError(
             f"No {ROUTING_STATS_NAME} in {folder} or its adapter subfolders: save a model with routed adapters there "
@@ -65,15 +66,26 @@ def report(folder: str, out: Optional[str] = None, split: Optional[str] = None, 
             parts.append("  no routing statistics were recorded before saving\n")
             continue
         if chosen not in splits:
-            raise ValueError(f"Adapter {name!r} has statistics for {sorted(splits)}, not {chosen!r}: pick one of those.")
+            raise ValueError(
+                f"Adapter {name!r} has statistics for {sorted(splits)}, not {chosen!r}: pick one of those."
+            )
         stats = splits[chosen]
         step = stats.get("global_step")
-        parts.append(f"  split={chosen} examples={stats.get('examples')}" + (f" step={step}" if step is not None else ""))
+        parts.append(
+            f"  split={chosen} examples={stats.get('examples')}" + (f" step={step}" if step is not None else "")
+        )
         summary = stats.get("summary", {})
         parts.append(format_table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in summary.items()]))
         rows = [
-            [f"b{i}", short_block_name(block), b.get("router") or "", " ".join(f"{x:.2f}" for x in b["load"]),
-             f"{b['load_entropy']:.3f}", f"{b['max_share']:.3f}", f"{b['experts_used']:.2f}"]
+            [
+                f"b{i}",
+                short_block_name(block),
+                b.get("router") or "",
+                " ".join(f"{x:.2f}" for x in b["load"]),
+                f"{b['load_entropy']:.3f}",
+                f"{b['max_share']:.3f}",
+                f"{b['experts_used']:.2f}",
+            ]
             for i, (block, b) in enumerate(stats.get("blocks", {}).items())
         ]
         parts.append(format_table(["#", "block", "router", "load per expert", "entropy", "max share", "used"], rows))
@@ -88,7 +100,7 @@ def report(folder: str, out: Optional[str] = None, split: Optional[str] = None, 
     return "\n".join(parts)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m hf_condroute.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -22,7 +22,9 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, model=None) -> 
             logits, labels = logits[:, :-1], labels[:, 1:]
         return mean_over_labelled(token_losses(logits, labels), labels)
     if logits.dim() == 2:
-        if logits.shape[-1] == 1 and (labels.is_floating_point() or getattr(config, "problem_type", None) == "regression"):
+        if logits.shape[-1] == 1 and (
+            labels.is_floating_point() or getattr(config, "problem_type", None) == "regression"
+        ):
             return (logits.squeeze(-1) - labels.float().view(-1)) ** 2
         if labels.is_floating_point() and labels.shape == logits.shape:
             return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1)

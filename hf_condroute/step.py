@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -29,10 +28,10 @@ class RoutingRecord:
 
     router: Router
     decision: RoutingDecision  # rows; tensors detached
-    row_example: Optional[torch.Tensor]  # (R,) example of each row (None: row r is example r)
-    targets: Optional[torch.Tensor]  # (R,) tag-supervision targets (-100 unknown), or None
+    row_example: torch.Tensor | None  # (R,) example of each row (None: row r is example r)
+    targets: torch.Tensor | None  # (R,) tag-supervision targets (-100 unknown), or None
     batch_shape: tuple  # (B,) for per-example routing, (B, L) for per-token routing
-    row_mask: Optional[torch.Tensor] = None  # (B, L) rows' positions for per-token routing
+    row_mask: torch.Tensor | None = None  # (B, L) rows' positions for per-token routing
 
     def user_decision(self) -> RoutingDecision:
         """The decision shaped (batch, k) or (batch, tokens, k); padding tokens have expert -1 and weight 0."""
@@ -41,7 +40,7 @@ class RoutingRecord:
             return d
         b, length = self.batch_shape
 
-        def scatter(t: Optional[torch.Tensor], fill: float) -> Optional[torch.Tensor]:
+        def scatter(t: torch.Tensor | None, fill: float) -> torch.Tensor | None:
             if t is None:
                 return None
             out = t.new_full((b, length, *t.shape[1:]), fill)
@@ -64,8 +63,8 @@ class RoutingStep:
 
     id: int = field(default_factory=lambda: next(_step_ids))
     records: dict = field(default_factory=dict)
-    reward: Optional[torch.Tensor] = None  # (B,) minus each example's task loss
-    loss_scale: Optional[torch.Tensor] = None
+    reward: torch.Tensor | None = None  # (B,) minus each example's task loss
+    loss_scale: torch.Tensor | None = None
     loss_values: dict[str, torch.Tensor] = field(default_factory=dict)
     _warned_scale: bool = False
 
@@ -73,7 +72,7 @@ class RoutingStep:
         """REINFORCE's reward: minus each example's own task loss (detached)."""
         self.reward = -per_example_loss.detach().float().reshape(-1)
 
-    def rows_reward(self, record: RoutingRecord) -> Optional[torch.Tensor]:
+    def rows_reward(self, record: RoutingRecord) -> torch.Tensor | None:
         if self.reward is None:
             return None
         reward = self.reward.to(record.decision.experts.device)
@@ -95,7 +94,7 @@ class RoutingStep:
         if not decision.logits.requires_grad and (decision.baseline is None or not decision.baseline.requires_grad):
             return decision.weights
 
-        def loss_fn(logits: torch.Tensor, baseline: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        def loss_fn(logits: torch.Tensor, baseline: torch.Tensor | None) -> torch.Tensor | None:
             reward = self.rows_reward(record)
             if router.needs_reward and reward is None:
                 raise RuntimeError(
@@ -138,7 +137,7 @@ class RoutingStep:
         self.loss_values = values
         return values
 
-    def total_loss_value(self) -> Optional[torch.Tensor]:
+    def total_loss_value(self) -> torch.Tensor | None:
         values = self.compute_loss_values()
         return sum(values.values()) if values else None
 

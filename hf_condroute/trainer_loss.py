@@ -14,14 +14,12 @@ get this micro-batch's share of those tokens as their weight, so they too averag
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from .api import routing_loss, set_reward
-from .rewards import mean_over_labelled, token_losses
 from .context import ModelRoutingState
+from .rewards import mean_over_labelled, token_losses
 
 
 class RoutedTokenLoss:
@@ -46,7 +44,7 @@ class RoutedTokenLoss:
         self.label_smoothing = label_smoothing
         self.shift_labels = shift_labels
 
-    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             raise ValueError("RoutedTokenLoss needs `labels` in every batch: the data collator must provide them.")
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -63,8 +63,8 @@ class Number(Rule):
     """An integer (`integer=True`) or a finite real number within bounds; `*_open` excludes the bound itself."""
 
     integer: bool = False
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     low_open: bool = False
     high_open: bool = False
 
@@ -90,11 +90,11 @@ class Number(Rule):
             self.fail(owner, name, value)
 
 
-def Integer(low: Optional[int] = None, **kw) -> Number:
+def Integer(low: int | None = None, **kw) -> Number:
     return Number(integer=True, low=low, **kw)
 
 
-def Real(low: Optional[float] = None, **kw) -> Number:
+def Real(low: float | None = None, **kw) -> Number:
     return Number(integer=False, low=low, **kw)
 
 

@@ -30,11 +30,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--routing", action="append", metavar="NAME", help="a row to run (repeatable); default: every row")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick: 1)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps per row (default {DEFAULTS.steps}; --quick: {QUICK_STEPS})")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps per row (default {DEFAULTS.steps}; --quick: {QUICK_STEPS})",
+    )
     p.add_argument("--image-size", type=int, default=DEFAULTS.model.image_size, choices=(32, 64))
     p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam learning rate (peak of the schedule)")
     p.add_argument("--output-dir", default="results")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default: up to 2)")
+    p.add_argument(
+        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default: up to 2)"
+    )
     p.add_argument("--quick", action="store_true", help=f"every row, 1 seed, {QUICK_STEPS} steps: a smoke test")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -47,7 +54,12 @@ def main(argv=None) -> dict:
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULTS.steps)
     settings = TrainSettings(steps=steps, lr=args.lr, model=DAEConfig(image_size=args.image_size))
-    full = not args.quick and settings == DEFAULTS and seeds == 3 and [r.name for r in rows] == [r.name for r in default_rows()]
+    full = (
+        not args.quick
+        and settings == DEFAULTS
+        and seeds == 3
+        and [r.name for r in rows] == [r.name for r in default_rows()]
+    )
     stem = "dae_syn" if full else ("dae_syn_quick" if args.quick else "dae_syn_custom")
 
     start = time.perf_counter()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import transformers
@@ -66,23 +65,26 @@ ENCODER_BLOCKS = r"(^|\.)encoder\."  # T5 encoder block names (the decoder's cro
 @dataclass
 class GlueRecipeArguments:
     model_name_or_path: str = field(default="t5-small", metadata={"help": "A T5 checkpoint (Hub name or folder)."})
-    data_dir: Optional[str] = field(
+    data_dir: str | None = field(
         default=None,
         metadata={
             "help": "Folder with one `save_to_disk` DatasetDict per task, named by the Hub's GLUE config names (cola, "
             "sst2, mrpc, qqp, stsb, mnli, qnli, rte), with the Hub's splits and columns. Default: load nyu-mll/glue."
         },
     )
-    tasks: Optional[list[str]] = field(
-        default=None, metadata={"help": f"GLUE tasks to train and evaluate on (default all: {' '.join(GLUE_TASK_NAMES)})."}
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": f"GLUE tasks to train and evaluate on (default all: {' '.join(GLUE_TASK_NAMES)})."},
     )
     routing: str = field(
         default="tag",
-        metadata={"help": "A router of hf_condroute.ROUTERS, or tag_plus (Tag+: RTE shares MNLI's expert in the encoder)."},
+        metadata={
+            "help": "A router of hf_condroute.ROUTERS, or tag_plus (Tag+: RTE shares MNLI's expert in the encoder)."
+        },
     )
     num_experts: int = field(default=8, metadata={"help": "Adapters per routed block (paper A: 8, one per task)."})
     top_k: int = field(default=1, metadata={"help": "Adapters each example runs through (learned routers)."})
-    adapter_dim: Optional[int] = field(default=None, metadata={"help": "Adapter bottleneck size (default d_model/32)."})
+    adapter_dim: int | None = field(default=None, metadata={"help": "Adapter bottleneck size (default d_model/32)."})
     routing_granularity: str = field(default="example", metadata={"help": "example (paper A) or token."})
     router_init_std: float = field(default=0.01, metadata={"help": "Std of router weights: small logits at start."})
     router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Load-balancing loss weight."})
@@ -95,15 +97,17 @@ class GlueRecipeArguments:
         },
     )
     tag_supervision_coef: float = field(default=1.0, metadata={"help": "Weight of that cross-entropy."})
-    init_experts_from: Optional[str] = field(
+    init_experts_from: str | None = field(
         default=None,
         metadata={
             "help": "A routed-adapter checkpoint (e.g. a tag-routing run) whose experts and layer norms start this "
             "run; routers start fresh (paper A 4.3)."
         },
     )
-    max_train_samples_per_task: Optional[int] = field(default=None, metadata={"help": "First N training rows of each task."})
-    max_eval_samples_per_task: Optional[int] = field(
+    max_train_samples_per_task: int | None = field(
+        default=None, metadata={"help": "First N training rows of each task."}
+    )
+    max_eval_samples_per_task: int | None = field(
         default=None, metadata={"help": "First N rows of each evaluation set."}
     )
     max_source_length: int = field(default=128, metadata={"help": "Inputs are truncated to this many tokens."})
@@ -119,7 +123,7 @@ class GlueTrainingArguments(Seq2SeqTrainingArguments):
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per process (paper A: 128)."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per process."})
     predict_with_generate: bool = field(default=True, metadata={"help": "Evaluate on generated answers."})
-    ddp_find_unused_parameters: Optional[bool] = field(
+    ddp_find_unused_parameters: bool | None = field(
         default=False,
         metadata={"help": "Expert banks stack their experts' weights, so every trainable parameter gets a gradient."},
     )
@@ -195,18 +199,22 @@ def build_datasets(args: GlueRecipeArguments, training_args, tokenizer, tasks: l
     for task in tasks:
         data = raw[task.name]
         train_parts.append(
-            tokenize_for_t5(task, take(data[task.train_split], args.max_train_samples_per_task), tokenizer, args.max_source_length)
+            tokenize_for_t5(
+                task, take(data[task.train_split], args.max_train_samples_per_task), tokenizer, args.max_source_length
+            )
         )
         for name, split in task.eval_splits:
             rows = take(data[split], args.max_eval_samples_per_task)
-            eval_sets[name] = GlueEvalSet(task, tokenize_for_t5(task, rows, tokenizer, args.max_source_length), rows["label"])
+            eval_sets[name] = GlueEvalSet(
+                task, tokenize_for_t5(task, rows, tokenizer, args.max_source_length), rows["label"]
+            )
     train = concatenate_datasets(train_parts)
     if args.tag_supervision_fraction > 0:  # learned routers only: check_routing_arguments rejects the others
         train = supervise_fraction(train, args.tag_supervision_fraction, training_args.seed)
     return train, eval_sets
 
 
-def parse_arguments(argv: Optional[list[str]] = None) -> tuple[GlueRecipeArguments, GlueTrainingArguments]:
+def parse_arguments(argv: list[str] | None = None) -> tuple[GlueRecipeArguments, GlueTrainingArguments]:
     """Flags (or one .json/.yaml file of them), checked before any data or model is loaded."""
     parser = HfArgumentParser((GlueRecipeArguments, GlueTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
@@ -234,7 +242,9 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
     model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path), peft_config)
     if args.init_experts_from is not None:
         copied = load_experts_from(model, args.init_experts_from)
-        logger.info("Copied %d expert and layer-norm tensors from %s; routers start fresh.", len(copied), args.init_experts_from)
+        logger.info(
+            "Copied %d expert and layer-norm tensors from %s; routers start fresh.", len(copied), args.init_experts_from
+        )
     model.print_trainable_parameters()
 
     with training_args.main_process_first(desc="casting GLUE as text-to-text"):
@@ -281,10 +291,12 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
     return trainer, results
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     with usage_errors():
         args, training_args = parse_arguments(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
+    )
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     return train_and_evaluate(args, training_args)[1]
 

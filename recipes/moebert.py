@@ -32,8 +32,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import transformers
 from peft import get_peft_model
@@ -79,42 +79,59 @@ class MoEBERTArguments:
         default="rte",
         metadata={"help": "GLUE task (Hub config name: cola sst2 mrpc qqp stsb mnli qnli rte), or squad / squad_v2."},
     )
-    data_dir: Optional[str] = field(
+    data_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder with one `save_to_disk` DatasetDict per task (SQuAD: or the DatasetDict itself); default: the Hub."},
+        metadata={
+            "help": "Folder with one `save_to_disk` DatasetDict per task (SQuAD: or the DatasetDict itself); default: the Hub."
+        },
     )
-    router: str = field(default="top_k", metadata={"help": "A router of hf_condroute.ROUTERS (paper B: top_k, moesart)."})
+    router: str = field(
+        default="top_k", metadata={"help": "A router of hf_condroute.ROUTERS (paper B: top_k, moesart)."}
+    )
     num_experts: int = field(default=4, metadata={"help": "Experts per FFN (MoEBERT: 4)."})
     top_k: int = field(default=2, metadata={"help": "Experts per token (paper B: 2)."})
-    expert_dim: Optional[int] = field(
+    expert_dim: int | None = field(
         default=None, metadata={"help": "Neurons per expert (MoEBERT on BERT-base: 768); default: FFN size / experts."}
     )
-    shared_neurons: int = field(default=0, metadata={"help": "Most important neurons shared by all experts (MoEBERT: 512)."})
+    shared_neurons: int = field(
+        default=0, metadata={"help": "Most important neurons shared by all experts (MoEBERT: 512)."}
+    )
     routing_granularity: str = field(default="token", metadata={"help": "token (MoEBERT) or example."})
-    trimmed_lasso_coef: float = field(default=0.0, metadata={"help": "MOESART's trimmed lasso weight (paper B grid 1e-4..10)."})
+    trimmed_lasso_coef: float = field(
+        default=0.0, metadata={"help": "MOESART's trimmed lasso weight (paper B grid 1e-4..10)."}
+    )
     router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Load-balancing loss weight."})
     distill_coef: float = field(default=1.0, metadata={"help": "Weight of the distillation term (paper B grid: 1..5)."})
-    importance_batches: Optional[int] = field(
+    importance_batches: int | None = field(
         default=None, metadata={"help": "Batches of training data for the importance scores (default: all)."}
     )
-    importance_file: Optional[str] = field(
+    importance_file: str | None = field(
         default=None,
-        metadata={"help": "A safetensors file of importance scores: read when it exists, else computed and written there."},
+        metadata={
+            "help": "A safetensors file of importance scores: read when it exists, else computed and written there."
+        },
     )
     fidelity_batches: int = field(default=8, metadata={"help": "Evaluation batches for the hidden-state comparison."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "First N training rows."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "First N rows of each evaluation set."})
-    max_seq_length: Optional[int] = field(
-        default=None, metadata={"help": "Inputs are truncated (SQuAD: windowed) to this many tokens; default 128, SQuAD 384."}
+    max_train_samples: int | None = field(default=None, metadata={"help": "First N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "First N rows of each evaluation set."})
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Inputs are truncated (SQuAD: windowed) to this many tokens; default 128, SQuAD 384."},
     )
-    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens shared by neighbouring windows of a long context."})
+    doc_stride: int = field(
+        default=128, metadata={"help": "SQuAD: tokens shared by neighbouring windows of a long context."}
+    )
     n_best_size: int = field(default=20, metadata={"help": "SQuAD: start and end candidates per window."})
     max_answer_length: int = field(default=30, metadata={"help": "SQuAD: longest answer, in tokens."})
     null_score_diff_threshold: float = field(
-        default=0.0, metadata={"help": "SQuAD v2.0: no answer when the null score beats the best span by more than this."}
+        default=0.0,
+        metadata={"help": "SQuAD v2.0: no answer when the null score beats the best span by more than this."},
     )
     use_evaluate: bool = field(
-        default=True, metadata={"help": "SQuAD: score with `evaluate`'s squad metric where it loads (else the same formulas locally)."}
+        default=True,
+        metadata={
+            "help": "SQuAD: score with `evaluate`'s squad metric where it loads (else the same formulas locally)."
+        },
     )
 
     def __post_init__(self):
@@ -129,8 +146,9 @@ class MoEBERTTrainingArguments(TrainingArguments):
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
     num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs (paper B: 10)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
-    ddp_find_unused_parameters: Optional[bool] = field(
-        default=False, metadata={"help": "Expert banks stack their experts, so every trainable parameter gets a gradient."}
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "Expert banks stack their experts, so every trainable parameter gets a gradient."},
     )
 
 
@@ -157,7 +175,9 @@ def check_arguments(args: MoEBERTArguments) -> None:
                 "many tokens neighbouring windows of a long context share."
             )
         if args.n_best_size < 1 or args.max_answer_length < 1:
-            raise ValueError(f"--n_best_size ({args.n_best_size}) and --max_answer_length ({args.max_answer_length}) must be >= 1.")
+            raise ValueError(
+                f"--n_best_size ({args.n_best_size}) and --max_answer_length ({args.max_answer_length}) must be >= 1."
+            )
     else:
         get_task(args.task)
     RoutingConfig(**routing_fields(args)).validate_routing()
@@ -170,7 +190,7 @@ def check_arguments(args: MoEBERTArguments) -> None:
         raise ValueError(f"--distill_coef must be >= 0, got {args.distill_coef}.")
 
 
-def parse_arguments(argv: Optional[list[str]] = None) -> tuple[MoEBERTArguments, MoEBERTTrainingArguments]:
+def parse_arguments(argv: list[str] | None = None) -> tuple[MoEBERTArguments, MoEBERTTrainingArguments]:
     parser = HfArgumentParser((MoEBERTArguments, MoEBERTTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
@@ -235,7 +255,7 @@ def evaluate_all(trainer, eval_sets: dict, prefix: str) -> tuple[dict, float]:
     per_set = {}
     for name in eval_sets:
         start = f"{prefix}_{name}_"
-        per_set[name] = {k[len(start):]: v for k, v in metrics.items() if k.startswith(start)}
+        per_set[name] = {k[len(start) :]: v for k, v in metrics.items() if k.startswith(start)}
     return metrics, glue_average(per_set)
 
 
@@ -249,7 +269,7 @@ class TaskRun:
     eval_sets: dict
     score: Callable
     hub_dataset: str
-    compute_metrics: Optional[Callable] = None  # the Trainer's (GLUE)
+    compute_metrics: Callable | None = None  # the Trainer's (GLUE)
     regression: bool = False  # distil the logits with MSE (STS-B)
     answers: dict = field(default_factory=dict)  # SQuAD: {prefix: predicted answers}, for the teacher comparison
 
@@ -259,7 +279,9 @@ def glue_run(args: MoEBERTArguments, training_args, tokenizer) -> TaskRun:
     with training_args.main_process_first(desc="loading GLUE"):
         raw = load_glue([task], args.data_dir)[task.name]
     with training_args.main_process_first(desc="tokenizing"):
-        train_dataset = tokenize(task, take(raw[task.train_split], args.max_train_samples), tokenizer, args.max_seq_length)
+        train_dataset = tokenize(
+            task, take(raw[task.train_split], args.max_train_samples), tokenizer, args.max_seq_length
+        )
         eval_sets = {
             name: tokenize(task, take(raw[split], args.max_eval_samples), tokenizer, args.max_seq_length)
             for name, split in task.eval_splits
@@ -352,7 +374,9 @@ def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArg
         regression=run.regression,
     )
     first_set, fidelity_data = next(iter(eval_sets.items()))
-    fidelity_loader = DataLoader(fidelity_data, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator)
+    fidelity_loader = DataLoader(
+        fidelity_data, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator
+    )
 
     results: dict = {}
     with model.disable_adapter():
@@ -393,14 +417,18 @@ def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArg
     }
     trainer.save_metrics("all", results, combined=False)  # all_results.json, on the main process
     if training_args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=args.model_name_or_path, dataset=run.hub_dataset, tags=["hf_condroute", "moebert"])
+        trainer.push_to_hub(
+            finetuned_from=args.model_name_or_path, dataset=run.hub_dataset, tags=["hf_condroute", "moebert"]
+        )
     return trainer, results
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     with usage_errors():
         args, training_args = parse_arguments(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
+    )
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     return train_and_evaluate(args, training_args)[1]
 

@@ -48,11 +48,13 @@ def synthetic_tasks(n: int, seed: int) -> Dataset:
     answers = torch.stack([seq.max(1).values, seq.min(1).values], 1)
     answer = answers[torch.arange(n), task]
     input_ids = torch.cat([2 + task[:, None], seq, torch.full((n, 1), EOS)], 1)
-    return Dataset.from_dict({
-        "input_ids": input_ids.tolist(),
-        "labels": torch.stack([answer, torch.full_like(answer, EOS)], 1).tolist(),
-        "routing_tags": task.tolist(),
-    })
+    return Dataset.from_dict(
+        {
+            "input_ids": input_ids.tolist(),
+            "labels": torch.stack([answer, torch.full_like(answer, EOS)], 1).tolist(),
+            "routing_tags": task.tolist(),
+        }
+    )
 
 
 def collate(features: list[dict]) -> dict:
@@ -68,8 +70,17 @@ def collate(features: list[dict]) -> dict:
 
 def tiny_t5() -> T5ForConditionalGeneration:
     config = T5Config(
-        vocab_size=FIRST_SYMBOL + SYMBOLS, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2,
-        num_heads=4, dropout_rate=0.0, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD,
+        vocab_size=FIRST_SYMBOL + SYMBOLS,
+        d_model=64,
+        d_ff=128,
+        d_kv=16,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=PAD,
     )
     return T5ForConditionalGeneration(config)
 
@@ -84,7 +95,10 @@ class BarOnly(ProgressCallback):
 def train(router: str, steps: int, seed: int, train_set: Dataset, out_dir: str):
     torch.manual_seed(seed)
     cfg = RoutedAdapterConfig(
-        num_experts=NUM_EXPERTS, adapter_dim=32, router=router, top_k=2 if router == "moesart" else 1,
+        num_experts=NUM_EXPERTS,
+        adapter_dim=32,
+        router=router,
+        top_k=2 if router == "moesart" else 1,
         task_type="SEQ_2_SEQ_LM",
     )
     with warnings.catch_warnings():
@@ -92,9 +106,18 @@ def train(router: str, steps: int, seed: int, train_set: Dataset, out_dir: str):
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(tiny_t5(), cfg)
     args = TrainingArguments(
-        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=32, learning_rate=1e-2, warmup_steps=10,
-        max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to=[], seed=seed,
-        dataloader_pin_memory=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        output_dir=out_dir,
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        learning_rate=1e-2,
+        warmup_steps=10,
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate)
     trainer.remove_callback(ProgressCallback)
@@ -151,7 +174,9 @@ def routing_table(result: dict) -> tuple[list[str], list[str]]:
         lines.append(f"  {task:<9}" + "".join(f"{c:>11}" for c in cells))
         modal = max(range(NUM_EXPERTS), key=lambda e: sum(1 for x, s in main if x == e and s >= CLEAR_SHARE))
         held = sum(1 for x, s in main if x == modal and s >= CLEAR_SHARE)
-        words.append(f"{task} to expert {modal} in {held} of {len(blocks)} blocks" if held else f"{task} to no one expert")
+        words.append(
+            f"{task} to expert {modal} in {held} of {len(blocks)} blocks" if held else f"{task} to no one expert"
+        )
     return lines, words
 
 
@@ -176,8 +201,12 @@ def save(model, router: str, eval_set: Dataset, folder: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--routers", nargs="+", default=[r for r in DEFAULT_ROUTERS if r in hf_condroute.ROUTERS],
-                        choices=list(hf_condroute.ROUTERS))
+    parser.add_argument(
+        "--routers",
+        nargs="+",
+        default=[r for r in DEFAULT_ROUTERS if r in hf_condroute.ROUTERS],
+        choices=list(hf_condroute.ROUTERS),
+    )
     parser.add_argument("--steps", type=int, default=600, help="training steps per router (batch 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (more only slow this tiny model)")
@@ -189,8 +218,10 @@ def main() -> None:
         parser.error(f"--save_router {save_router} is not among --routers {' '.join(args.routers)}: add it there.")
     torch.set_num_threads(args.threads)
     train_set, eval_set = synthetic_tasks(args.steps * 32, args.seed), synthetic_tasks(480, args.seed + 1)
-    print(f"Tasks {', '.join(TASKS)} on sequences of {LENGTH} symbols; {NUM_EXPERTS} experts per block; "
-          f"{args.steps} steps per router.")
+    print(
+        f"Tasks {', '.join(TASKS)} on sequences of {LENGTH} symbols; {NUM_EXPERTS} experts per block; "
+        f"{args.steps} steps per router."
+    )
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for router in args.routers:
@@ -203,12 +234,17 @@ def main() -> None:
                 kept = model
     save(kept, save_router, eval_set, args.output_dir)
     learned = [r for r in results if hf_condroute.routers.router_class(r).learned]
-    print("\nWhat to look for: every router learns both tasks far above chance. Tag routing sends each task to its "
-          "own expert by construction (Focus = Cover = 1) and hash routing ignores the task (near 1/2)."
-          + (" The learned routers find the tasks only in part (Focus/Cover "
-             + ", ".join(f"{r} {results[r]['focus']:.2f}/{results[r]['cover']:.2f}" for r in learned)
-             + "): with tasks this easy every expert can serve both, so nothing forces them apart (paper A's point)."
-             if learned else ""))
+    print(
+        "\nWhat to look for: every router learns both tasks far above chance. Tag routing sends each task to its "
+        "own expert by construction (Focus = Cover = 1) and hash routing ignores the task (near 1/2)."
+        + (
+            " The learned routers find the tasks only in part (Focus/Cover "
+            + ", ".join(f"{r} {results[r]['focus']:.2f}/{results[r]['cover']:.2f}" for r in learned)
+            + "): with tasks this easy every expert can serve both, so nothing forces them apart (paper A's point)."
+            if learned
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":

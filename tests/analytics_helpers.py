@@ -22,9 +22,7 @@ def tiny_t5() -> T5ForConditionalGeneration:
 
 def tiny_t5_model(router: str = "tag", num_experts: int = 2, **kwargs):
     """4 routed blocks: encoder and decoder self-attention and feed-forward."""
-    cfg = RoutedAdapterConfig(
-        num_experts=num_experts, adapter_dim=4, router=router, task_type="SEQ_2_SEQ_LM", **kwargs
-    )
+    cfg = RoutedAdapterConfig(num_experts=num_experts, adapter_dim=4, router=router, task_type="SEQ_2_SEQ_LM", **kwargs)
     return get_peft_model(tiny_t5(), cfg)
 
 

@@ -22,8 +22,17 @@ VOCAB = 50
 
 def t5_config(**overrides) -> T5Config:
     values = dict(
-        vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0,
+        vocab_size=VOCAB,
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        dropout_rate=0.0,
     )
     values.update(overrides)
     return T5Config(**values)
@@ -31,8 +40,14 @@ def t5_config(**overrides) -> T5Config:
 
 def bert_config(**overrides) -> BertConfig:
     values = dict(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     values.update(overrides)
     return BertConfig(**values)
@@ -51,8 +66,13 @@ def make_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
 def make_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     values = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
     )
     values.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**values)).eval()

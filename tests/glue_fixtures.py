@@ -32,7 +32,9 @@ def _row(task: GlueTask, rng: random.Random, labelled: bool = True) -> dict:
     row = {task.text_columns[0]: first}
     if len(task.text_columns) > 1:
         # pairs: the more the label says "same", the more the second text repeats the first
-        same = (label / 5) if task.is_regression else float(label == 0 if task.name in ("mnli", "qnli", "rte") else label)
+        same = (
+            (label / 5) if task.is_regression else float(label == 0 if task.name in ("mnli", "qnli", "rte") else label)
+        )
         words = first.split()
         row[task.text_columns[1]] = " ".join(w if rng.random() < same else rng.choice(WORDS) for w in words)
     row["label"] = label if labelled else -1
@@ -93,8 +95,17 @@ def save_tiny_t5(model_dir: str, d_model: int = 64) -> str:
     )
     wrapped.save_pretrained(model_dir)
     config = T5Config(
-        vocab_size=tokenizer.get_vocab_size(), d_model=d_model, d_ff=2 * d_model, d_kv=16, num_heads=4, num_layers=2,
-        num_decoder_layers=2, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=tokenizer.get_vocab_size(),
+        d_model=d_model,
+        d_ff=2 * d_model,
+        d_kv=16,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     T5ForConditionalGeneration(config).save_pretrained(model_dir)
     return model_dir

@@ -22,11 +22,22 @@ class Reporter(TrainerCallback):
 
 def make_trainer(model, tmp_path, callback, steps=4, **kwargs):
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        logging_steps=2, report_to=[], save_strategy="no", disable_tqdm=True, learning_rate=1e-3, **kwargs,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-3,
+        **kwargs,
     )
     trainer = Trainer(
-        model=model, args=args, train_dataset=tagged_seq2seq(32), eval_dataset=tagged_seq2seq(8, seed=1),
+        model=model,
+        args=args,
+        train_dataset=tagged_seq2seq(32),
+        eval_dataset=tagged_seq2seq(8, seed=1),
         data_collator=collate,
     )
     reporter = Reporter()

@@ -37,8 +37,14 @@ def test_capacity_keeps_first_choices_first_in_token_order():
 
 def block(factor, granularity="example", top_k=1, seed=0):
     torch.manual_seed(seed)
-    config = RoutingConfig(router="top_k", num_experts=2, top_k=top_k, router_batchnorm=False,
-                           expert_capacity_factor=factor, router_aux_loss_coef=0.1)
+    config = RoutingConfig(
+        router="top_k",
+        num_experts=2,
+        top_k=top_k,
+        router_batchnorm=False,
+        expert_capacity_factor=factor,
+        router_aux_loss_coef=0.1,
+    )
     bank = AdapterBank(2, D, 4, init_weights=False)
     return RoutedBlock(build_router(config, D, "b"), bank, granularity, name="b")
 
@@ -87,8 +93,15 @@ class OneLayer(nn.Module):
 
 def routed(factor, seed=0):
     torch.manual_seed(seed)
-    config = RoutedAdapterConfig(target_modules=["proj"], num_experts=2, adapter_dim=4, init_weights=False,
-                                 router_batchnorm=False, expert_capacity_factor=factor, router_aux_loss_coef=0.1)
+    config = RoutedAdapterConfig(
+        target_modules=["proj"],
+        num_experts=2,
+        adapter_dim=4,
+        init_weights=False,
+        router_batchnorm=False,
+        expert_capacity_factor=factor,
+        router_aux_loss_coef=0.1,
+    )
     return get_peft_model(OneLayer(), config)
 
 
@@ -139,8 +152,9 @@ def test_off_by_default_and_a_large_capacity_change_nothing():
     assert acc.compute("eval").summary()["dropped_fraction"] == 0.0
 
 
-@pytest.mark.parametrize("router, message", [("expert_choice", "expert_choice_capacity_factor"),
-                                             ("tag", "routes by design")])
+@pytest.mark.parametrize(
+    "router, message", [("expert_choice", "expert_choice_capacity_factor"), ("tag", "routes by design")]
+)
 def test_capacity_is_refused_where_it_does_not_apply(router, message):
     with pytest.raises(ValueError, match=message):
         RoutedAdapterConfig(router=router, expert_capacity_factor=1.0)

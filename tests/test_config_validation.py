@@ -26,7 +26,11 @@ CONFIGS = {
     "RoutedFFNConfig": lambda **kw: RoutedFFNConfig(init_weights=kw.pop("init_weights", False), **kw),
     "RoutedLoraConfig": lambda **kw: RoutedLoraConfig(**kw),
 }
-CLASSES = {"RoutedAdapterConfig": RoutedAdapterConfig, "RoutedFFNConfig": RoutedFFNConfig, "RoutedLoraConfig": RoutedLoraConfig}
+CLASSES = {
+    "RoutedAdapterConfig": RoutedAdapterConfig,
+    "RoutedFFNConfig": RoutedFFNConfig,
+    "RoutedLoraConfig": RoutedLoraConfig,
+}
 # fields whose values are checked elsewhere (the router registry) or that are PEFT's own
 UNRULED = {"router", "target_modules", "exclude_modules", "modules_to_save", "importance"}
 
@@ -81,10 +85,26 @@ def test_each_rule_refuses_a_bad_value_and_names_the_field(config, name, value, 
 def test_every_field_has_a_rule(config):
     peft_fields = {f.name for f in fields(CLASSES[config]) if f.name not in {g.name for g in fields(RoutingConfig)}}
     ours = {f.name for f in fields(RoutingConfig)} | {
-        n for n in peft_fields if n in {"adapter_dim", "adapter_activation", "init_weights", "expert_dim",
-                                        "shared_neurons", "ffn_in_proj", "ffn_out_proj", "ffn_activation",
-                                        "ffn_dropout", "r", "lora_alpha", "lora_dropout", "init_lora_weights",
-                                        "router_sharing", "lora_experts"}
+        n
+        for n in peft_fields
+        if n
+        in {
+            "adapter_dim",
+            "adapter_activation",
+            "init_weights",
+            "expert_dim",
+            "shared_neurons",
+            "ffn_in_proj",
+            "ffn_out_proj",
+            "ffn_activation",
+            "ffn_dropout",
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "init_lora_weights",
+            "router_sharing",
+            "lora_experts",
+        }
     }
     missing = [f.name for f in fields(CLASSES[config]) if f.name in ours - UNRULED and "check" not in f.metadata]
     assert not missing, f"fields without a validation rule: {missing}"
@@ -104,7 +124,11 @@ def test_every_field_has_a_rule(config):
         (dict(expert_choice_capacity_factor=0), ValueError, "expert_choice_capacity_factor must be > 0"),
         (dict(reinforce_huber_delta=0), ValueError, "reinforce_huber_delta must be > 0"),
         (dict(router_init_std=-0.1), ValueError, "router_init_std must be >= 0"),
-        (dict(gumbel_temperature_min=2.0, gumbel_temperature_start=1.0), ValueError, "must be <= gumbel_temperature_start"),
+        (
+            dict(gumbel_temperature_min=2.0, gumbel_temperature_start=1.0),
+            ValueError,
+            "must be <= gumbel_temperature_start",
+        ),
         (dict(tag_to_expert=[0, 9], num_experts=4), ValueError, "outside 0..3"),
         (dict(router="nope"), ValueError, "Unknown router 'nope'"),
         (dict(router="moesart", top_k=1), ValueError, "needs top_k >= 2"),
@@ -120,7 +144,20 @@ def test_the_cases_users_hit(config, kwargs, error, message):
 def test_the_defaults_and_saved_values_pass():
     for make in CONFIGS.values():
         make()
-    RoutedAdapterConfig(router_temperature=1, router_init_std=0.0, xmoe_dim=3, router_jitter_noise=0.0,
-                        tag_to_expert=[0, 0, 1], tag_to_expert_pattern={"encoder": [0, 1, 1]}, hash_seed=-7)
-    RoutedFFNConfig(init_weights=False, expert_dim=8, shared_neurons=0, ffn_in_proj="mlp.fc1", ffn_out_proj="mlp.fc2",
-                    ffn_activation="gelu")
+    RoutedAdapterConfig(
+        router_temperature=1,
+        router_init_std=0.0,
+        xmoe_dim=3,
+        router_jitter_noise=0.0,
+        tag_to_expert=[0, 0, 1],
+        tag_to_expert_pattern={"encoder": [0, 1, 1]},
+        hash_seed=-7,
+    )
+    RoutedFFNConfig(
+        init_weights=False,
+        expert_dim=8,
+        shared_neurons=0,
+        ffn_in_proj="mlp.fc1",
+        ffn_out_proj="mlp.fc2",
+        ffn_activation="gelu",
+    )

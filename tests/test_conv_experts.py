@@ -50,11 +50,16 @@ def test_conv_experts_equal_explicit_1x1_convolutions_forward_and_backward(chann
     out = rows_to_feature_map(bank(feature_map_rows(x), experts, weights), 3, 2)
     convs = [conv_reference(bank, e) for e in range(N)]
     xr = x.detach().clone().requires_grad_()
-    ref = torch.stack([
-        sum(weights[b, j] * convs[e][1](F.relu(convs[e][0](xr[b : b + 1])))[0]
-            for j, e in enumerate(experts[b].tolist()) if e >= 0)
-        for b in range(4)
-    ])
+    ref = torch.stack(
+        [
+            sum(
+                weights[b, j] * convs[e][1](F.relu(convs[e][0](xr[b : b + 1])))[0]
+                for j, e in enumerate(experts[b].tolist())
+                if e >= 0
+            )
+            for b in range(4)
+        ]
+    )
     assert out.shape == x.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(out)
@@ -99,7 +104,10 @@ def images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_resnet_defaults_target_every_residual_block_and_start_as_the_base():
     model = get_peft_model(make_resnet(), RoutedAdapterConfig(num_experts=N, adapter_dim=R))
-    assert sorted(model.targeted_module_names) == ["resnet.encoder.stages.0.layers.0", "resnet.encoder.stages.1.layers.0"]
+    assert sorted(model.targeted_module_names) == [
+        "resnet.encoder.stages.0.layers.0",
+        "resnet.encoder.stages.1.layers.0",
+    ]
     pixels, _ = images(4)
     out = model(pixel_values=pixels).logits
     decisions = hf_condroute.get_routing(model)
@@ -112,15 +120,29 @@ def test_resnet_defaults_target_every_residual_block_and_start_as_the_base():
 
 @pytest.mark.parametrize("router", ["tag", "top_k"])
 def test_resnet_trains_with_the_stock_trainer_and_saves_and_loads(router, tmp_path):
-    config = RoutedAdapterConfig(num_experts=N, adapter_dim=R, router=router, modules_to_save=["classifier"],
-                                 router_aux_loss_coef=0.01 if router == "top_k" else 0.0)
+    config = RoutedAdapterConfig(
+        num_experts=N,
+        adapter_dim=R,
+        router=router,
+        modules_to_save=["classifier"],
+        router_aux_loss_coef=0.01 if router == "top_k" else 0.0,
+    )
     model = get_peft_model(make_resnet(), config)
     pixels, labels = images(24)
-    data = Dataset.from_list([{"pixel_values": p.tolist(), "labels": int(y), "routing_tags": int(y)}
-                              for p, y in zip(pixels, labels)])
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=8,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
-                             disable_tqdm=True, use_cpu=True)
+    data = Dataset.from_list(
+        [{"pixel_values": p.tolist(), "labels": int(y), "routing_tags": int(y)} for p, y in zip(pixels, labels)]
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator).train()
     changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
@@ -153,8 +175,9 @@ def test_resnet_per_token_routing_is_refused_at_injection():
 
 
 def test_resnet_in_bfloat16():
-    model = get_peft_model(make_resnet().to(torch.bfloat16), RoutedAdapterConfig(num_experts=N, adapter_dim=R,
-                                                                                 init_weights=False))
+    model = get_peft_model(
+        make_resnet().to(torch.bfloat16), RoutedAdapterConfig(num_experts=N, adapter_dim=R, init_weights=False)
+    )
     model.train()
     pixels, labels = images(4)
     out = model(pixel_values=pixels.to(torch.bfloat16), labels=labels)
@@ -192,8 +215,14 @@ class TinyCNN(nn.Module):
 
 def test_plain_cnn_trains_with_routing_loss():
     torch.manual_seed(0)
-    config = RoutedAdapterConfig(target_modules=["stem", "block"], num_experts=N, adapter_dim=R, router="top_k",
-                                 router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
+    config = RoutedAdapterConfig(
+        target_modules=["stem", "block"],
+        num_experts=N,
+        adapter_dim=R,
+        router="top_k",
+        router_aux_loss_coef=0.1,
+        router_z_loss_coef=0.01,
+    )
     model = get_peft_model(TinyCNN(), config)
     banks = {n: m.experts.in_features for n, m in model.named_modules() if isinstance(m, RoutedBlock)}
     assert sorted(banks.values()) == [8, 8]
@@ -218,10 +247,14 @@ def test_plain_cnn_trains_with_routing_loss():
 def test_plain_cnn_channels_clear_errors():
     with pytest.raises(TypeError, match="feature_channels"):  # a LayerNorm has no conv and no out_channels
         get_peft_model(TinyCNN(), RoutedAdapterConfig(target_modules=["norm"], num_experts=N, adapter_dim=R))
-    model = get_peft_model(TinyCNN(), RoutedAdapterConfig(target_modules=["block"], feature_channels=6,
-                                                          num_experts=N, adapter_dim=R))
-    with pytest.raises(ValueError, match=r"feature map \(batch, 6, height, width\), but it outputs shape \(2, 8, 4, 4\)"):
+    model = get_peft_model(
+        TinyCNN(), RoutedAdapterConfig(target_modules=["block"], feature_channels=6, num_experts=N, adapter_dim=R)
+    )
+    with pytest.raises(
+        ValueError, match=r"feature map \(batch, 6, height, width\), but it outputs shape \(2, 8, 4, 4\)"
+    ):
         model(torch.randn(2, 3, 4, 4))
-    right = get_peft_model(TinyCNN(), RoutedAdapterConfig(target_modules=["block"], feature_channels=8,
-                                                          num_experts=N, adapter_dim=R))
+    right = get_peft_model(
+        TinyCNN(), RoutedAdapterConfig(target_modules=["block"], feature_channels=8, num_experts=N, adapter_dim=R)
+    )
     assert right(torch.randn(2, 3, 4, 4)).shape == (2, 3)

@@ -217,7 +217,9 @@ def test_tag_routing_scores_focus_and_cover_one_and_monolithic_does_not(data):
 def test_rows_and_names():
     names = [r.name for r in default_rows()]
     assert len(names) == 7 + 3 * 4 + 4 == len(set(names))
-    assert {"tag", "hash", "monolithic", "top_k", "moesart", "top_k+sup10", "reinforce+sup1", "st_gumbel+init"} <= set(names)
+    assert {"tag", "hash", "monolithic", "top_k", "moesart", "top_k+sup10", "reinforce+sup1", "st_gumbel+init"} <= set(
+        names
+    )
     assert Row.parse("top_k+sup10") == Row("top_k", supervision_percent=10)
     assert Row.parse("reinforce+init") == Row("reinforce", subnet_init=True)
     with pytest.raises(ValueError, match="learned routers"):

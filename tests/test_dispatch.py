@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
+import hf_condroute
 import hf_condroute.experts.kernels as kernels_mod
 import hf_condroute.experts.strategies as strategies_mod
-import hf_condroute
 from hf_condroute import ROUTERS, AdapterBank, RoutedBlock, RoutingConfig, RoutingInputs, build_router
 from hf_condroute.experts import (
     ExpertMLPWeights,
@@ -84,7 +84,9 @@ def test_expert_mlp_matches_reference(strategy, dtype, length, k):
     weights = weights.to(dtype).requires_grad_()
     x = torch.randn(7, length, D, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(7, length, D, dtype=dtype)
-    fast = grads_of(lambda: expert_mlp(x, experts, weights, bank.mlp_weights(), bank.act, strategy), bank, x, weights, grad_out)
+    fast = grads_of(
+        lambda: expert_mlp(x, experts, weights, bank.mlp_weights(), bank.act, strategy), bank, x, weights, grad_out
+    )
     ref = grads_of(lambda: reference(bank, x, experts, weights), bank, x, weights, grad_out)
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     assert_same(fast, ref, **tol)
@@ -181,8 +183,13 @@ def test_bad_decisions_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="take 16 input features"):
         bank(torch.randn(3, 2, 5), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
     with pytest.raises(ValueError, match="w2 must have shape"):
-        expert_mlp(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), ExpertMLPWeights(
-            bank.down_weight, None, bank.up_weight.transpose(1, 2), None), bank.act)
+        expert_mlp(
+            x,
+            torch.zeros(3, 1, dtype=torch.long),
+            torch.ones(3, 1),
+            ExpertMLPWeights(bank.down_weight, None, bank.up_weight.transpose(1, 2), None),
+            bank.act,
+        )
     with pytest.raises(ValueError, match="Unknown dispatch strategy"):
         expert_mlp(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), bank.mlp_weights(), bank.act, "fast")
 
@@ -293,8 +300,10 @@ def reference_merged(bank: AdapterBank, x, experts, weights):
     """SMEAR's merged expert, row by row: one adapter whose parameters are the weighted average."""
     rows = []
     for r in range(x.shape[0]):
-        merged = [sum(weights[r, j] * t[int(experts[r, j])] for j in range(experts.shape[1]) if experts[r, j] >= 0)
-                  for t in (bank.down_weight, bank.down_bias, bank.up_weight, bank.up_bias)]
+        merged = [
+            sum(weights[r, j] * t[int(experts[r, j])] for j in range(experts.shape[1]) if experts[r, j] >= 0)
+            for t in (bank.down_weight, bank.down_bias, bank.up_weight, bank.up_bias)
+        ]
         rows.append(bank.act(x[r] @ merged[0] + merged[1]) @ merged[2] + merged[3])
     return torch.stack(rows)
 
@@ -423,7 +432,16 @@ def test_gated_experts_run_through_every_strategy(strategy, length, k):
     weights.requires_grad_()
     x = torch.randn(7, length, D, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(7, length, D, dtype=torch.float64)
-    fast = grads_of(lambda: bank(x, experts, weights) if strategy is None else expert_mlp(
-        x, experts, weights, bank.mlp_weights(), bank.act, strategy, post=bank.post), bank, x, weights, grad_out)
+    fast = grads_of(
+        lambda: (
+            bank(x, experts, weights)
+            if strategy is None
+            else expert_mlp(x, experts, weights, bank.mlp_weights(), bank.act, strategy, post=bank.post)
+        ),
+        bank,
+        x,
+        weights,
+        grad_out,
+    )
     ref = grads_of(lambda: bank.reference(x, experts, weights), bank, x, weights, grad_out)
     assert_same(fast, ref, rtol=1e-10, atol=1e-10)

@@ -93,7 +93,9 @@ def test_dselect_regularisers_on_hand_worked_inputs():
     router = make("dselect_k", 3, 2, dselect_entropy_coef=2.0, dselect_reach_coef=0.5)
     # selector 1 undecided (r = 1/4 on each of the 3 real codes, 1/4 lost on the unused code 11); selector 2 on
     # expert 0; the second row has selector 2 on the unused code (no mass on real experts)
-    rows = torch.cat([packed([0.0, 0.0], [-2.0, -2.0], alpha=[0.0, 0.0]), packed([0.0, 0.0], [2.0, 2.0], alpha=[0.0, 0.0])])
+    rows = torch.cat(
+        [packed([0.0, 0.0], [-2.0, -2.0], alpha=[0.0, 0.0]), packed([0.0, 0.0], [2.0, 2.0], alpha=[0.0, 0.0])]
+    )
     terms = router.loss_terms(rows, None)
     entropy = ((h([0.25] * 3) + h([1.0, 0, 0])) + (h([0.25] * 3) + 0.0)) / 2
     reach = ((1 / (0.75 + EPS) + 1 / (1 + EPS)) + (1 / (0.75 + EPS) + 1 / EPS)) / 2

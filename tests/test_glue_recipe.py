@@ -22,9 +22,8 @@ from hf_condroute.distributed import check_process_count
 from hf_condroute.glue import GLUE_TASK_NAMES, glue_average
 from hf_condroute.warm_start import load_experts_from
 
-from .recipe_loader import load_recipe
 from .glue_fixtures import save_tiny_glue, save_tiny_t5
-
+from .recipe_loader import load_recipe
 
 recipe = load_recipe("glue")
 PROBE = Path(__file__).resolve().parent / "glue_ddp_probe.py"
@@ -35,8 +34,6 @@ BLOCKS = 8  # 2 encoder + 2 decoder layers, after self-attention and after the f
 
 def eval_sets(tasks) -> list[str]:
     return [s for t in tasks for s in (["mnli_matched", "mnli_mismatched"] if t == "mnli" else [t])]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +120,9 @@ def test_resume_ends_where_the_uninterrupted_run_ends(assets, tmp_path):
     extra = ["--tag_supervision_fraction", "0.5", "--save_strategy", "steps", "--save_steps", "2"]
     whole = recipe.main(flags(assets, tmp_path / "whole", "reinforce", 4, 4, *extra, tasks=["rte", "stsb"]))
     resume = ["--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-2")]
-    resumed = recipe.main(flags(assets, tmp_path / "resumed", "reinforce", 4, 4, *extra, *resume, tasks=["rte", "stsb"]))
+    resumed = recipe.main(
+        flags(assets, tmp_path / "resumed", "reinforce", 4, 4, *extra, *resume, tasks=["rte", "stsb"])
+    )
     a = load_file(os.path.join(tmp_path / "whole", "adapter_model.safetensors"))
     b = load_file(os.path.join(tmp_path / "resumed", "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -134,7 +133,9 @@ def test_resume_ends_where_the_uninterrupted_run_ends(assets, tmp_path):
 
 def test_init_experts_from_a_tag_run_keeps_routers_fresh(assets, tag_run):
     tag_dir, _ = tag_run
-    args, _ = recipe.parse_arguments(flags(assets, tag_dir / "unused", "top_k", 1, 4, "--init_experts_from", str(tag_dir)))
+    args, _ = recipe.parse_arguments(
+        flags(assets, tag_dir / "unused", "top_k", 1, 4, "--init_experts_from", str(tag_dir))
+    )
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(assets[1]), recipe.routed_adapter_config(args, 64))
     fresh = {k: v.clone() for k, v in get_peft_model_state_dict(model).items() if ".router." in k}

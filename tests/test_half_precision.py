@@ -142,9 +142,9 @@ def test_bf16_save_and_load_in_a_fresh_process_is_exact(tmp_path, tuner, autocas
         from peft import PeftModel
         from tests.conftest import make_bert
         torch.set_num_threads({torch.get_num_threads()})
-        data = torch.load({str(tmp_path / 'expected.pt')!r})
+        data = torch.load({str(tmp_path / "expected.pt")!r})
         base = make_bert().to(torch.bfloat16)
-        model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r}, autocast_adapter_dtype={autocast}).eval()
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}, autocast_adapter_dtype={autocast}).eval()
         with torch.no_grad():
             got = model(**data["batch"]).logits
         assert got.dtype == torch.bfloat16, got.dtype
@@ -154,5 +154,7 @@ def test_bf16_save_and_load_in_a_fresh_process_is_exact(tmp_path, tuner, autocas
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env, timeout=300
+    )
     assert "EXACT" in result.stdout, result.stderr[-3000:]

@@ -100,7 +100,12 @@ def test_existing_user_readme_is_kept(tagged_model, tmp_path):
 def test_without_statistics_the_card_says_how_to_get_them(tmp_path):
     model = tiny_bert_model()
     model.save_pretrained(tmp_path)
-    assert set(os.listdir(tmp_path)) == {"README.md", "adapter_config.json", "adapter_model.safetensors", ROUTING_STATS_NAME}
+    assert set(os.listdir(tmp_path)) == {
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        ROUTING_STATS_NAME,
+    }
     record = json.loads((tmp_path / ROUTING_STATS_NAME).read_text())
     assert record["splits"] == {} and record["heatmaps"] == {}
     assert "compute_routing_stats(model, dataloader)" in read_card(tmp_path).text
@@ -134,8 +139,14 @@ def test_other_peft_models_are_untouched(tmp_path):
 def test_trainer_checkpoint_and_trainer_model_card(tmp_path):
     model = tiny_t5_model(router="tag")
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1, save_steps=2,
-        save_strategy="steps", report_to=[], disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_steps=2,
+        save_strategy="steps",
+        report_to=[],
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=tagged_seq2seq(8), data_collator=collate)
     RoutingStatsCallback().attach(trainer)

@@ -62,8 +62,16 @@ def _quiet_bnb():
 
 def make_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -123,8 +131,14 @@ def test_routed_adapters_train_and_generate_on_a_quantized_base(base_dirs, kind,
     layer_type = bnb.nn.Linear4bit if quant == "4bit" else bnb.nn.Linear8bitLt
     model = prepare_model_for_kbit_training(model)  # gradient checkpointing on, as QLoRA recipes run
     granularity = "token" if kind == "llama" else "example"
-    config = RoutedAdapterConfig(num_experts=4, adapter_dim=8, router="top_k", routing_granularity=granularity,
-                                 init_weights=False, task_type=TASK[kind])
+    config = RoutedAdapterConfig(
+        num_experts=4,
+        adapter_dim=8,
+        router="top_k",
+        routing_granularity=granularity,
+        init_weights=False,
+        task_type=TASK[kind],
+    )
     peft_model = get_peft_model(model, config)
     wrapped = [m.get_base_layer() for m in peft_model.modules() if isinstance(m, RoutedAdapterLayer)]
     assert wrapped and all(isinstance(m, layer_type) for m in wrapped[:1])
@@ -165,8 +179,9 @@ def test_routed_ffn_slices_the_dequantized_ffn(base_dirs, quant, device):
     # under no_grad would move the 4-bit layers to bitsandbytes' CPU inference kernel for good (see below)
     dense = model(**batch).logits.detach()
     # one expert holding every neuron: the routed FFN computes the dense (dequantized) FFN
-    whole = RoutedFFNConfig(num_experts=2, top_k=2, expert_dim=128, shared_neurons=128, importance=scores,
-                            task_type="SEQ_CLS")
+    whole = RoutedFFNConfig(
+        num_experts=2, top_k=2, expert_dim=128, shared_neurons=128, importance=scores, task_type="SEQ_CLS"
+    )
     peft_model = get_peft_model(model, whole).eval()
     block = next(m for m in peft_model.modules() if isinstance(m, RoutedFFN))
     bank = block.blocks["default"].experts
@@ -186,13 +201,20 @@ def test_routed_ffn_slices_the_dequantized_ffn(base_dirs, quant, device):
         assert torch.equal(peft_model.eval()(**batch).logits.detach(), dense)  # the quantized dense FFN: the teacher
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and not bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu,
-                    reason="bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError), reason=(
-    "bitsandbytes 0.50 on a CPU with AVX512-BF16: a 4-bit layer's first forward in eval mode without gradients repacks "
-    "its weight for the CPU inference kernel for good; later training forwards go through that kernel, which has no "
-    "backward: 'a view of a leaf Variable that requires grad is being used in an in-place operation' with a bias, "
-    "silently no input gradient without one. Train before evaluating under no_grad, or reload the base."))
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and not bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu,
+    reason="bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16",
+)
+@pytest.mark.xfail(
+    strict=True,
+    raises=(RuntimeError, AssertionError),
+    reason=(
+        "bitsandbytes 0.50 on a CPU with AVX512-BF16: a 4-bit layer's first forward in eval mode without gradients repacks "
+        "its weight for the CPU inference kernel for good; later training forwards go through that kernel, which has no "
+        "backward: 'a view of a leaf Variable that requires grad is being used in an in-place operation' with a bias, "
+        "silently no input gradient without one. Train before evaluating under no_grad, or reload the base."
+    ),
+)
 def test_training_after_cpu_inference_on_a_4bit_base(base_dirs):
     model = prepare_model_for_kbit_training(load_quantized(base_dirs["bert"], "bert", "4bit"))
     peft_model = get_peft_model(model, RoutedAdapterConfig(num_experts=2, adapter_dim=4, task_type="SEQ_CLS"))
@@ -292,7 +314,7 @@ def test_adapter_alone_saved_and_loaded_into_a_fresh_quantized_base(base_dirs, t
         from peft import PeftModel
         from tests.test_kbit import load_quantized
         torch.set_num_threads({torch.get_num_threads()})
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
         bases = {base_dirs!r}
         for name, data in expected.items():
             kind, quant, _ = name.split("-")
@@ -306,7 +328,9 @@ def test_adapter_alone_saved_and_loaded_into_a_fresh_quantized_base(base_dirs, t
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env, timeout=300
+    )
     assert result.stdout.count("EXACT") == len(cases), result.stdout[-2000:] + result.stderr[-3000:]
 
 
@@ -319,8 +343,9 @@ def test_routed_lora_experts_on_a_quantized_llama(base_dirs, quant, device, tmp_
 
     model = prepare_model_for_kbit_training(load_quantized(base_dirs["llama"], "llama", quant, device))
     layer_type = bnb.nn.Linear4bit if quant == "4bit" else bnb.nn.Linear8bitLt
-    config = RoutedLoraConfig(num_experts=4, top_k=2, r=4, target_modules="all-linear", init_lora_weights=False,
-                              task_type="CAUSAL_LM")
+    config = RoutedLoraConfig(
+        num_experts=4, top_k=2, r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, config)
     bases = [m.get_base_layer() for m in peft_model.modules() if hasattr(m, "routed_lora_block")]
     assert bases and all(isinstance(b, layer_type) for b in bases)

@@ -104,8 +104,12 @@ def test_local_search_needs_an_expert_permutation():
 
 
 def test_the_searched_map_is_saved_with_the_adapter_and_searched_through_the_model_loss():
-    model = get_peft_model(make_t5(), RoutedAdapterConfig(num_experts=N, adapter_dim=8, router="comet", top_k=2,
-                                                          expert_permutation=True, init_weights=False))
+    model = get_peft_model(
+        make_t5(),
+        RoutedAdapterConfig(
+            num_experts=N, adapter_dim=8, router="comet", top_k=2, expert_permutation=True, init_weights=False
+        ),
+    )
     state = get_peft_model_state_dict(model)
     maps = [k for k in state if k.endswith("expert_map")]
     assert maps and all(torch.equal(state[k], torch.arange(N)) for k in maps)
@@ -118,8 +122,13 @@ def test_callback_searches_on_its_schedule():
     model = Wrapped(make_block("top_k"))
     x = torch.randn(6, 5, D, dtype=torch.float64)
     batch = {"x": x, "y": torch.zeros(6, 5, D, dtype=torch.float64)}
-    cb = LocalSearchCallback([batch], every_n_steps=2, until_step=4,
-                             loss_fn=lambda m, b: (m(b["x"]) - b["y"]).pow(2).mean(), max_swaps_per_block=1)
+    cb = LocalSearchCallback(
+        [batch],
+        every_n_steps=2,
+        until_step=4,
+        loss_fn=lambda m, b: (m(b["x"]) - b["y"]).pow(2).mean(),
+        max_swaps_per_block=1,
+    )
     for step in range(1, 8):
         cb.on_step_end(None, SimpleNamespace(global_step=step), None, model=model)
     assert [s for s, _ in cb.results] == [2, 4]

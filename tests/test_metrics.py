@@ -26,7 +26,6 @@ from hf_condroute.metrics import (
 
 from .analytics_helpers import decision
 
-
 # 4 examples, 3 subnetworks, 2 tags (tags 0, 0, 1, 1)
 ACTIVE = [[1, 0, 1], [1, 0, 0], [0, 1, 0], [0, 1, 1]]
 PRESENT = [[1, 0], [1, 0], [0, 1], [0, 1]]

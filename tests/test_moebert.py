@@ -35,18 +35,30 @@ from .conftest import bert_batch, make_bert, make_t5, t5_batch
 FFN = 16  # intermediate size of the tiny models
 
 
-
 def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
     # initializer_range 0.3: an FFN that matters, so routing errors show in the hidden states
     return make_bert(
-        seed, hidden_size=8, num_attention_heads=2, intermediate_size=FFN, initializer_range=0.3,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        seed,
+        hidden_size=8,
+        num_attention_heads=2,
+        intermediate_size=FFN,
+        initializer_range=0.3,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
 
 
 def tiny_t5(gated: bool, seed: int = 0) -> T5ForConditionalGeneration:
-    return make_t5(seed, d_model=8, d_ff=FFN, d_kv=4, num_layers=1, num_decoder_layers=1, num_heads=2,
-                   feed_forward_proj="gated-gelu" if gated else "relu")
+    return make_t5(
+        seed,
+        d_model=8,
+        d_ff=FFN,
+        d_kv=4,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+    )
 
 
 def random_scores(model, seed: int = 0) -> dict:
@@ -95,7 +107,10 @@ def test_default_expert_dim_on_a_small_ffn_names_the_ffn_size():
     # BERT-base's shared_neurons=512 on a 16-neuron FFN: the default expert size would be negative
     model = tiny_bert()
     config = RoutedFFNConfig(num_experts=4, shared_neurons=512, init_weights=False)
-    with pytest.raises(ValueError, match=rf"shared_neurons=512 is larger than the FFN of bert.encoder.layer.0.intermediate, which has {FFN} neurons"):
+    with pytest.raises(
+        ValueError,
+        match=rf"shared_neurons=512 is larger than the FFN of bert.encoder.layer.0.intermediate, which has {FFN} neurons",
+    ):
         get_peft_model(model, config)
 
 
@@ -156,7 +171,14 @@ def whole_ffn_config(model, **kwargs) -> RoutedFFNConfig:
 
 @pytest.mark.parametrize(
     "router, granularity",
-    [("top_k", "token"), ("moesart", "token"), ("hash", "token"), ("softmax", "token"), ("top_k", "example"), ("hash", "example")],
+    [
+        ("top_k", "token"),
+        ("moesart", "token"),
+        ("hash", "token"),
+        ("softmax", "token"),
+        ("top_k", "example"),
+        ("hash", "example"),
+    ],
 )
 def test_whole_ffn_experts_equal_the_dense_bert(router, granularity):
     model = tiny_bert()
@@ -167,7 +189,9 @@ def test_whole_ffn_experts_equal_the_dense_bert(router, granularity):
     with torch.no_grad():
         routed = peft_model(**batch, output_hidden_states=True)
     for d, r in zip(dense.hidden_states, routed.hidden_states):
-        torch.testing.assert_close(r[batch["attention_mask"].bool()], d[batch["attention_mask"].bool()], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            r[batch["attention_mask"].bool()], d[batch["attention_mask"].bool()], rtol=1e-5, atol=1e-5
+        )
     torch.testing.assert_close(routed.logits, dense.logits, rtol=1e-5, atol=1e-5)
     decisions = hf_condroute.get_routing(peft_model)
     assert len(decisions) == 2 and all(d.experts.shape[0] == 4 for d in decisions.values())
@@ -197,7 +221,10 @@ def test_hidden_state_gap_is_the_relative_error_per_layer():
     with torch.no_grad():
         routed = peft_model(**batch, output_hidden_states=True)
     m = batch["attention_mask"].bool()
-    expected = [((r - d)[m].pow(2).sum() / d[m].pow(2).sum()).item() for r, d in zip(routed.hidden_states[1:], dense.hidden_states[1:])]
+    expected = [
+        ((r - d)[m].pow(2).sum() / d[m].pow(2).sum()).item()
+        for r, d in zip(routed.hidden_states[1:], dense.hidden_states[1:])
+    ]
     assert gap["relative_error_per_layer"] == pytest.approx(expected, rel=1e-5)
     assert gap["relative_error"] == pytest.approx(sum(expected) / 2, rel=1e-5) and gap["relative_error"] > 1e-3
     assert gap["tokens"] == int(m.sum()) and gap["examples"] == 4 and gap["pooled_cosine"] < 1
@@ -213,7 +240,9 @@ def test_a_second_adapter_replaces_the_ffn_when_active():
         dense = model(**batch).logits
     scores = random_scores(model)
     peft_model = get_peft_model(model, RoutedFFNConfig(num_experts=4, importance=scores)).eval()
-    peft_model.add_adapter("whole", RoutedFFNConfig(num_experts=2, expert_dim=FFN, shared_neurons=FFN, importance=scores))
+    peft_model.add_adapter(
+        "whole", RoutedFFNConfig(num_experts=2, expert_dim=FFN, shared_neurons=FFN, importance=scores)
+    )
     peft_model.eval()
     peft_model.set_adapter("whole")
     with torch.no_grad():
@@ -257,7 +286,9 @@ def test_disable_adapter_gives_the_dense_model_exactly_after_training():
     with torch.no_grad():
         dense = model(**batch).logits
         dense_hidden = model.bert(batch["input_ids"], batch["attention_mask"]).last_hidden_state
-    peft_model = get_peft_model(model, RoutedFFNConfig(num_experts=4, importance=random_scores(model), task_type="SEQ_CLS"))
+    peft_model = get_peft_model(
+        model, RoutedFFNConfig(num_experts=4, importance=random_scores(model), task_type="SEQ_CLS")
+    )
     peft_model.train()
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
     peft_model(**batch).loss.backward()
@@ -317,7 +348,10 @@ def test_other_architectures_through_target_names():
     dense = model(x)
     layout = dict(target_modules=["ffn"], ffn_in_proj=["ffn.up"], ffn_out_proj="ffn.down", ffn_activation="relu")
     scores = importance_scores(
-        model, [x], loss_fn=lambda m, b: m(b).pow(2).sum(), target_modules=["ffn"],
+        model,
+        [x],
+        loss_fn=lambda m, b: m(b).pow(2).sum(),
+        target_modules=["ffn"],
         layout=hf_condroute.moebert.FFNLayout("ffn", ("ffn.up",), "ffn.down", "relu"),
     )
     assert list(scores) == ["0.ffn", "1.ffn"]
@@ -360,7 +394,14 @@ def test_save_and_load_in_a_fresh_process_is_exact(tmp_path):
     model.save_pretrained(base_dir)
     peft_model = get_peft_model(
         model,
-        RoutedFFNConfig(num_experts=4, expert_dim=5, shared_neurons=2, router="top_k", importance=random_scores(model), task_type="SEQ_CLS"),
+        RoutedFFNConfig(
+            num_experts=4,
+            expert_dim=5,
+            shared_neurons=2,
+            router="top_k",
+            importance=random_scores(model),
+            task_type="SEQ_CLS",
+        ),
     )
     peft_model.train()
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.3)
@@ -398,11 +439,19 @@ def test_save_and_load_in_a_fresh_process_is_exact(tmp_path):
 
 def test_loaded_neuron_index_and_shape_mismatch(tmp_path):
     model = tiny_bert()
-    peft_model = get_peft_model(model, RoutedFFNConfig(num_experts=2, importance=random_scores(model), task_type="SEQ_CLS"))
-    index = peft_model.base_model.model.bert.encoder.layer[0].intermediate.routed_ffn_block["default"].experts.neuron_index.clone()
+    peft_model = get_peft_model(
+        model, RoutedFFNConfig(num_experts=2, importance=random_scores(model), task_type="SEQ_CLS")
+    )
+    index = (
+        peft_model.base_model.model.bert.encoder.layer[0]
+        .intermediate.routed_ffn_block["default"]
+        .experts.neuron_index.clone()
+    )
     peft_model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
-    loaded_index = loaded.base_model.model.bert.encoder.layer[0].intermediate.routed_ffn_block["default"].experts.neuron_index
+    loaded_index = (
+        loaded.base_model.model.bert.encoder.layer[0].intermediate.routed_ffn_block["default"].experts.neuron_index
+    )
     assert torch.equal(loaded_index, index) and not torch.equal(index, assign_neurons(torch.zeros(FFN), 2, 8, 0))
     other = PeftModel.from_pretrained(tiny_bert(), tmp_path, adapter_name="other")  # keys carry no adapter name
     other_block = other.base_model.model.bert.encoder.layer[0].intermediate.routed_ffn_block["other"]
@@ -449,10 +498,17 @@ def test_distillation_loss_of_an_encoder_decoder_reaches_the_experts():
     # encoder and decoder layers both count: 1 + 1 hidden-state terms, plus the per-token KL where labels are set
     s_h, t_h = student.encoder_hidden_states[1], teacher.encoder_hidden_states[1]
     assert loss > hidden_state_loss(student, teacher, batch["attention_mask"]) > 0
-    assert hidden_state_loss(student, teacher, batch["attention_mask"]) > ((s_h - t_h) ** 2).mean(-1)[batch["attention_mask"].bool()].mean()
+    assert (
+        hidden_state_loss(student, teacher, batch["attention_mask"])
+        > ((s_h - t_h) ** 2).mean(-1)[batch["attention_mask"].bool()].mean()
+    )
     loss.backward()
-    encoder_bank = peft_model.base_model.model.encoder.block[0].layer[1].DenseReluDense.routed_ffn_block["default"].experts
-    decoder_bank = peft_model.base_model.model.decoder.block[0].layer[2].DenseReluDense.routed_ffn_block["default"].experts
+    encoder_bank = (
+        peft_model.base_model.model.encoder.block[0].layer[1].DenseReluDense.routed_ffn_block["default"].experts
+    )
+    decoder_bank = (
+        peft_model.base_model.model.decoder.block[0].layer[2].DenseReluDense.routed_ffn_block["default"].experts
+    )
     assert encoder_bank.wi_gate.grad.abs().sum() > 0 and decoder_bank.wo.grad.abs().sum() > 0
 
 
@@ -460,8 +516,17 @@ def _trainer(peft_model, tmp_path, steps, dataset, **kwargs):
     from transformers import TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-2, report_to=[],
-        save_strategy="no", logging_steps=1000, use_cpu=True, seed=0, disable_tqdm=True, **kwargs,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=3e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1000,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        **kwargs,
     )
     return DistillationTrainer(model=peft_model, args=args, train_dataset=dataset, distill_coef=2.0)
 
@@ -480,7 +545,8 @@ def test_distillation_trainer_brings_the_student_to_the_teacher(tmp_path):
     with torch.no_grad():
         dense = model(**batch, output_hidden_states=True)
     peft_model = get_peft_model(
-        model, RoutedFFNConfig(num_experts=4, top_k=1, router="top_k", importance=random_scores(model), task_type="SEQ_CLS")
+        model,
+        RoutedFFNConfig(num_experts=4, top_k=1, router="top_k", importance=random_scores(model), task_type="SEQ_CLS"),
     )
 
     def gap():

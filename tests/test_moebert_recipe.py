@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
+from hf_condroute.glue import get_task, task_metrics
+
 from .glue_fixtures import fixture_texts, save_tiny_glue
 from .recipe_loader import RECIPES, load_recipe
-from hf_condroute.glue import get_task, task_metrics
 
 EVAL_ROWS = 6
 
@@ -26,18 +27,29 @@ def save_tiny_bert(model_dir: str, num_labels: int, model_class=None) -> str:
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.train_from_iterator(fixture_texts(), trainer=trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    tokenizer.train_from_iterator(
+        fixture_texts(), trainer=trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
+    )
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         model_max_length=64,
     ).save_pretrained(model_dir)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, num_labels=num_labels, initializer_range=0.2,
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=num_labels,
+        initializer_range=0.2,
     )
     (model_class or BertForSequenceClassification)(config).save_pretrained(model_dir)
     return model_dir
@@ -95,7 +107,9 @@ def test_one_process_moesart_distils_and_reports(assets, tmp_path):
     batch = tokenizer(list(rows["sentence1"]), list(rows["sentence2"]), padding=True, return_tensors="pt")
     with torch.no_grad():
         predictions = model(**batch).logits.argmax(-1)
-    assert task_metrics(get_task("rte"), predictions, list(rows["label"]))["accuracy"] == pytest.approx(results["eval_rte_accuracy"])
+    assert task_metrics(get_task("rte"), predictions, list(rows["label"]))["accuracy"] == pytest.approx(
+        results["eval_rte_accuracy"]
+    )
 
 
 def test_regression_task_and_reused_importance(assets, tmp_path):
@@ -105,7 +119,18 @@ def test_regression_task_and_reused_importance(assets, tmp_path):
     recipe.main(flags(data_dir, bert1, tmp_path / "a", "stsb", "top_k", 2, "--importance_file", str(importance)))
     written = importance.stat().st_mtime_ns
     results = recipe.main(
-        flags(data_dir, bert1, tmp_path / "b", "stsb", "hash", 2, "--importance_file", str(importance), "--shared_neurons", "4")
+        flags(
+            data_dir,
+            bert1,
+            tmp_path / "b",
+            "stsb",
+            "hash",
+            2,
+            "--importance_file",
+            str(importance),
+            "--shared_neurons",
+            "4",
+        )
     )
     assert importance.stat().st_mtime_ns == written  # read, not computed again
     assert {"eval_stsb_pearson", "eval_stsb_spearmanr"} <= set(results)

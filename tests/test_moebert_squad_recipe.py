@@ -32,12 +32,16 @@ def assets(tmp_path_factory):
 def test_squad_v1_moesart_distils_and_scores_its_answers(assets, tmp_path):
     data_dir, bert = assets
     recipe = load_recipe("moebert")
-    results = recipe.main(flags(data_dir, bert, tmp_path, "squad", "moesart", 12, *WINDOWS, *LOCAL, "--max_answer_length", "5"))
+    results = recipe.main(
+        flags(data_dir, bert, tmp_path, "squad", "moesart", 12, *WINDOWS, *LOCAL, "--max_answer_length", "5")
+    )
     for prefix in ("teacher", "converted", "eval"):
         assert 0 <= results[f"{prefix}_squad_exact_match"] <= results[f"{prefix}_squad_f1"] <= 100
     before, after = results["fidelity"]["converted"], results["fidelity"]["distilled"]
     assert after["relative_error"] < before["relative_error"], (before, after)
-    assert set(before["logits"]) == {"start_logits", "end_logits"} and before["logits"]["start_logits"]["rows"] > EVAL_ROWS
+    assert (
+        set(before["logits"]) == {"start_logits", "end_logits"} and before["logits"]["start_logits"]["rows"] > EVAL_ROWS
+    )
     assert 0 <= before["answers_vs_teacher"]["exact"] <= before["answers_vs_teacher"]["f1"] <= 100
     assert results["routing"]["examples"] == before["logits"]["start_logits"]["rows"]  # windows, not questions
     assert results["routing_setup"]["task"] == "squad" and results["routing_setup"]["router"] == "moesart"
@@ -61,13 +65,17 @@ def test_squad_v1_moesart_distils_and_scores_its_answers(assets, tmp_path):
     end = np.where(mask, out.end_logits, -100.0)
     answers = extract_answers(examples.to_list(), features.to_list(), start, end, max_answer_length=5)
     scores = local_squad_scores(answers, examples.to_list())
-    assert scores["f1"] == pytest.approx(results["eval_squad_f1"]) and scores["exact_match"] == pytest.approx(results["eval_squad_exact_match"])
+    assert scores["f1"] == pytest.approx(results["eval_squad_f1"]) and scores["exact_match"] == pytest.approx(
+        results["eval_squad_exact_match"]
+    )
 
 
 def test_squad_v2_reports_answerable_and_unanswerable_parts(assets, tmp_path):
     data_dir, bert = assets
     recipe = load_recipe("moebert")
-    results = recipe.main(flags(data_dir, bert, tmp_path, "squad_v2", "top_k", 2, *WINDOWS, *LOCAL, "--null_score_diff_threshold", "0.5"))
+    results = recipe.main(
+        flags(data_dir, bert, tmp_path, "squad_v2", "top_k", 2, *WINDOWS, *LOCAL, "--null_score_diff_threshold", "0.5")
+    )
     assert results["eval_squad_v2_total"] == EVAL_ROWS
     assert results["eval_squad_v2_HasAns_total"] == 4 and results["eval_squad_v2_NoAns_total"] == 2
     for key in ("exact", "f1"):
@@ -95,7 +103,10 @@ def test_default_window_is_squads():
     recipe = load_recipe("moebert")
     assert recipe.MoEBERTArguments(model_name_or_path="unused", task="squad").max_seq_length == 384
     assert recipe.MoEBERTArguments(model_name_or_path="unused", task="rte").max_seq_length == 128
-    assert recipe.ffn_config(recipe.MoEBERTArguments(model_name_or_path="unused", task="squad_v2"), None).task_type == "QUESTION_ANS"
+    assert (
+        recipe.ffn_config(recipe.MoEBERTArguments(model_name_or_path="unused", task="squad_v2"), None).task_type
+        == "QUESTION_ANS"
+    )
 
 
 def test_two_processes_under_accelerate_launch(assets, tmp_path):

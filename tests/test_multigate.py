@@ -17,8 +17,13 @@ D, H, N = 8, 4, 4
 
 def gates_and_bank(names=("a", "b"), router="top_k", granularity="example", seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = RoutingConfig(router=router, num_experts=N, top_k=top_k_for(router) if router != "top_k" else 2,
-                        routing_granularity=granularity, **kw)
+    cfg = RoutingConfig(
+        router=router,
+        num_experts=N,
+        top_k=top_k_for(router) if router != "top_k" else 2,
+        routing_granularity=granularity,
+        **kw,
+    )
     cfg.validate_routing()
     routers = {g: build_router(cfg, D, f"moe[{g}]") for g in names}
     bank = AdapterBank(next(iter(routers.values())).num_experts, D, H, init_weights=False).double()  # monolithic: 1
@@ -78,7 +83,9 @@ def test_every_router_works_as_a_gate(router):
     for g, r in routers.items():
         single = RoutedBlock(r, bank, granularity=granularity, name="moe").double().train()
         single.record_key = f"moe[{g}]"
-        singles[g] = single(x, RoutingInputs(tags=torch.tensor([0, 1, 2, 3]), token_ids=torch.arange(12).view(4, 3), step=step2))
+        singles[g] = single(
+            x, RoutingInputs(tags=torch.tensor([0, 1, 2, 3]), token_ids=torch.arange(12).view(4, 3), step=step2)
+        )
     for g in routers:
         torch.testing.assert_close(outs[g], singles[g], rtol=1e-9, atol=1e-9)
     if cls.needs_reward:

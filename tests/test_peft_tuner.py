@@ -155,8 +155,8 @@ def test_save_and_load_in_a_fresh_process(tmp_path):
         from peft import PeftModel
         from tests.conftest import make_t5
         torch.set_num_threads({torch.get_num_threads()})  # the parent's thread count: the same reduction order
-        data = torch.load({str(tmp_path / 'expected.pt')!r})
-        model = PeftModel.from_pretrained(make_t5(), {str(tmp_path / 'adapter')!r}).eval()
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        model = PeftModel.from_pretrained(make_t5(), {str(tmp_path / "adapter")!r}).eval()
         state = model.state_dict()
         for key, value in data["state"].items():
             assert torch.equal(state[key], value), key
@@ -240,8 +240,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(router):
         base = make_t5()
         if reentrant is not None:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        model = routed(base, router=router, top_k=top_k_for(router), init_weights=False, router_z_loss_coef=0.1,
-                       task_type="SEQ_2_SEQ_LM")
+        model = routed(
+            base,
+            router=router,
+            top_k=top_k_for(router),
+            init_weights=False,
+            router_z_loss_coef=0.1,
+            task_type="SEQ_2_SEQ_LM",
+        )
         model.train()
         torch.manual_seed(7)
         model(**t5_batch()).loss.backward()
@@ -256,18 +262,33 @@ def test_generate_with_beam_search_and_tags():
     model = routed(make_t5(), router="tag", init_weights=False, task_type="SEQ_2_SEQ_LM").eval()
     batch = t5_batch(batch=2)
     tags = torch.tensor([2, 0])
-    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], routing_tags=tags,
-                         num_beams=2, max_new_tokens=4, do_sample=False)
+    out = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        routing_tags=tags,
+        num_beams=2,
+        max_new_tokens=4,
+        do_sample=False,
+    )
     assert out.shape[0] == 2
     # decoder blocks saw one row per beam, each with its example's tag
     decoder = [d for n, d in hf_condroute.get_routing(model).items() if n.startswith("decoder")]
     assert decoder and decoder[0].experts.squeeze(1).tolist() == [2, 2, 0, 0]
     # greedy output equals the output of the model fed the same routing explicitly
-    greedy = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], routing_tags=tags,
-                            max_new_tokens=4, do_sample=False)
+    greedy = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        routing_tags=tags,
+        max_new_tokens=4,
+        do_sample=False,
+    )
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], routing_tags=tags,
-                       decoder_input_ids=greedy[:, :-1]).logits
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            routing_tags=tags,
+            decoder_input_ids=greedy[:, :-1],
+        ).logits
     assert torch.equal(logits.argmax(-1), greedy[:, 1:])
 
 
@@ -336,8 +357,9 @@ def test_any_model_with_linear_targets():
             return self.fc2(torch.relu(self.fc1(x)))
 
     torch.manual_seed(0)
-    model = get_peft_model(MLP(), RoutedAdapterConfig(num_experts=3, adapter_dim=2, target_modules=["fc1"],
-                                                      init_weights=False))
+    model = get_peft_model(
+        MLP(), RoutedAdapterConfig(num_experts=3, adapter_dim=2, target_modules=["fc1"], init_weights=False)
+    )
     model.train()
     out = model(torch.randn(4, 5))
     out.sum().backward()
@@ -349,8 +371,15 @@ def test_causal_lm_token_routing_and_generation():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=0,
+    )
     with pytest.warns(UserWarning, match="causal language model"):
         routed(LlamaForCausalLM(config), router="top_k")
     model = routed(LlamaForCausalLM(config), router="hash", routing_granularity="token", task_type="CAUSAL_LM")

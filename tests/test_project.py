@@ -36,15 +36,32 @@ def test_quickstart_prints_labelled_routing_tables_and_saves_a_model_with_card_a
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's package, whatever is installed
     out = tmp_path / "model"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--steps", "4", "--routers", "tag", "top_k",
-         "--output_dir", str(out), "--threads", "1"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "quickstart.py"),
+            "--steps",
+            "4",
+            "--routers",
+            "tag",
+            "top_k",
+            "--output_dir",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
     for router in ("tag", "top_k"):
         assert re.search(rf"^{router}: accuracy max \d+% \(chance \d+%\), min \d+% \(chance \d+%\)", text, re.M)
-        assert re.search(rf"^  {router} sends max to expert \d in \d of 8 blocks; min to expert \d in \d of 8", text, re.M)
+        assert re.search(
+            rf"^  {router} sends max to expert \d in \d of 8 blocks; min to expert \d in \d of 8", text, re.M
+        )
     header = r"^  task +enc0\.attn +enc0\.ffn +enc1\.attn +enc1\.ffn +dec0\.attn +dec0\.ffn +dec1\.attn +dec1\.ffn$"
     assert len(re.findall(header, text, re.M)) == 2  # all 8 blocks, labelled
     assert re.search(r"^  max( +e\d +\d+%){8}$", text, re.M)

@@ -29,8 +29,14 @@ def stand_ins(tmp_path: Path) -> dict:
     rows = [{k: v[i] for k, v in bert_batch(8, seed=s).items()} for s in range(2) for i in range(8)]
     ds = Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows]).with_format("torch")
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, report_to=[],
-        save_strategy="no", dataloader_pin_memory=False, disable_tqdm=True, use_cpu=True,
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+        use_cpu=True,
     )
     path = tmp_path / "t5"
     make_t5().save_pretrained(path)

@@ -31,7 +31,16 @@ def test_report_prints_tables_and_draws_heatmaps(saved, capsys):
     assert any(line.split() == ["focus", "1.0000"] for line in lines)
     assert any(line.split() == ["cover", "1.0000"] for line in lines)
     row = next(line for line in lines if line.startswith("b0 "))
-    assert row.split() == ["b0", "encoder.block.0.layer.0.SelfAttention.o", "tag", "0.50", "0.50", "1.000", "0.500", "1.00"]
+    assert row.split() == [
+        "b0",
+        "encoder.block.0.layer.0.SelfAttention.o",
+        "tag",
+        "0.50",
+        "0.50",
+        "1.000",
+        "0.500",
+        "1.00",
+    ]
     assert (saved / "routing_load.png").exists() and (saved / "routing_alignment.png").exists()
 
 

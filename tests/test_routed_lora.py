@@ -58,14 +58,18 @@ def tags_kwargs(router: str, batch: int) -> dict:
 
 def run_fresh(script: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
 
 
 # ----- fidelity ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "bert"])
 @pytest.mark.parametrize("lora_alpha", [16, 8, 4])
 def test_one_expert_with_weight_one_equals_peft_lora_exactly(family, lora_alpha):
-    make, batch, task = {"llama": (make_llama, llama_batch, "CAUSAL_LM"), "bert": (make_bert, bert_batch, "SEQ_CLS")}[family]
+    make, batch, task = {"llama": (make_llama, llama_batch, "CAUSAL_LM"), "bert": (make_bert, bert_batch, "SEQ_CLS")}[
+        family
+    ]
     targets = ["q_proj", "v_proj", "down_proj"] if family == "llama" else ["query", "value", "output.dense"]
     lora = peft_lora(make(), r=8, lora_alpha=lora_alpha, target_modules=targets).eval()
     model = routed(make(), num_experts=1, router="top_k", r=8, lora_alpha=lora_alpha, target_modules=targets).eval()
@@ -93,8 +97,9 @@ def test_scaling_that_is_not_a_power_of_two_differs_from_peft_by_rounding_only()
 
 
 def test_two_experts_forward_and_backward_match_a_plain_reference():
-    model = routed(make_llama(), router="top_k", top_k=2, r=4, lora_alpha=12, init_lora_weights=False,
-                   target_modules=["down_proj"])
+    model = routed(
+        make_llama(), router="top_k", top_k=2, r=4, lora_alpha=12, init_lora_weights=False, target_modules=["down_proj"]
+    )
     layer = layers(model)["base_model.model.model.layers.0.mlp.down_proj"]
     block = layer.routed_lora_block["default"]
     bank = block.experts
@@ -125,8 +130,15 @@ def test_two_experts_forward_and_backward_match_a_plain_reference():
 @pytest.mark.parametrize("sharing", [None, "layer"], ids=["own", "shared"])
 @pytest.mark.parametrize("router", sorted(ROUTERS))
 def test_every_router_trains_a_causal_lm(router, sharing):
-    model = routed(make_llama(), router=router, top_k=top_k_for(router), init_lora_weights=False,
-                   router_sharing=sharing, target_modules=LLAMA_MLP, router_aux_loss_coef=0.01)
+    model = routed(
+        make_llama(),
+        router=router,
+        top_k=top_k_for(router),
+        init_lora_weights=False,
+        router_sharing=sharing,
+        target_modules=LLAMA_MLP,
+        router_aux_loss_coef=0.01,
+    )
     model.train()
     batch = llama_batch()
     out = model(**batch, **tags_kwargs(router, 4))
@@ -166,7 +178,9 @@ def test_granularity_defaults_to_token_for_causal_lms_and_is_saved(tmp_path):
 def test_all_linear_targets_every_linear_but_the_output_head():
     model = routed(make_llama(), target_modules="all-linear")
     names = {n.split("model.layers.0.", 1)[-1] for n in layers(model) if ".layers.0." in n}
-    assert names == {f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | {f"mlp.{p}" for p in LLAMA_MLP}
+    assert names == {f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
+        f"mlp.{p}" for p in LLAMA_MLP
+    }
     assert len(layers(model)) == 14 and not any("lm_head" in n or ".router." in n for n in layers(model))
 
 
@@ -209,15 +223,24 @@ def test_merging_is_refused_with_a_clear_message():
 # ----- router sharing --------------------------------------------------------------------------------
 @pytest.mark.parametrize("sharing", ["layer", r"layers\.\d+\.mlp"])
 def test_a_shared_router_routes_once_per_layer(sharing):
-    model = routed(make_llama(), router="top_k", top_k=2, router_sharing=sharing, init_lora_weights=False,
-                   target_modules=["q_proj", "v_proj", *LLAMA_MLP])
+    model = routed(
+        make_llama(),
+        router="top_k",
+        top_k=2,
+        router_sharing=sharing,
+        init_lora_weights=False,
+        target_modules=["q_proj", "v_proj", *LLAMA_MLP],
+    )
     found = layers(model)
     owners = {n for n, m in found.items() if not isinstance(m.routed_lora_block["default"].router, SharedRouter)}
     if sharing == "layer":  # q_proj runs first in each layer and routes for all five targets
         assert owners == {f"base_model.model.model.layers.{i}.self_attn.q_proj" for i in range(2)}
     else:  # the MLP routes on its input (gate_proj's), the attention projections keep their own routers
         assert {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in owners} == {
-            "self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj"}
+            "self_attn.q_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+        }
     router_keys = [k for k in model.state_dict() if ".router." in k]
     assert all(any(o in k for o in owners) for k in router_keys)  # followers save no router
     model.train()
@@ -235,8 +258,15 @@ def test_a_shared_router_routes_once_per_layer(sharing):
 # ----- generation, saving, checkpointing --------------------------------------------------------------
 @pytest.mark.parametrize("router", ["top_k", "hash"])
 def test_generation_with_the_kv_cache_equals_a_no_cache_recomputation(router):
-    model = routed(make_llama(), router=router, top_k=2 if router == "top_k" else 1, init_lora_weights=False,
-                   lora_alpha=32, router_sharing="layer", target_modules="all-linear").eval()
+    model = routed(
+        make_llama(),
+        router=router,
+        top_k=2 if router == "top_k" else 1,
+        init_lora_weights=False,
+        lora_alpha=32,
+        router_sharing="layer",
+        target_modules="all-linear",
+    ).eval()
     batch = llama_batch(batch=3)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -251,8 +281,15 @@ def test_generation_with_the_kv_cache_equals_a_no_cache_recomputation(router):
 
 
 def test_save_and_load_in_a_fresh_process_is_exact(tmp_path):
-    model = routed(make_llama(), router="top_k", top_k=2, init_lora_weights=False, router_sharing="layer",
-                   target_modules="all-linear", task_type="CAUSAL_LM")
+    model = routed(
+        make_llama(),
+        router="top_k",
+        top_k=2,
+        init_lora_weights=False,
+        router_sharing="layer",
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for seed in range(2):  # moves experts and the routers' BatchNorm statistics
@@ -261,8 +298,11 @@ def test_save_and_load_in_a_fresh_process_is_exact(tmp_path):
         optimizer.zero_grad()
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    model_keys = {k.replace(".routed_lora_block.default.", ".routed_lora_block.") for k in model.state_dict()
-                  if "routed_lora_block" in k}
+    model_keys = {
+        k.replace(".routed_lora_block.default.", ".routed_lora_block.")
+        for k in model.state_dict()
+        if "routed_lora_block" in k
+    }
     assert set(saved) == model_keys
     model.eval()
     batch = llama_batch(seed=5)
@@ -275,8 +315,8 @@ def test_save_and_load_in_a_fresh_process_is_exact(tmp_path):
         from peft import PeftModel
         from tests.conftest import make_llama
         torch.set_num_threads({torch.get_num_threads()})
-        data = torch.load({str(tmp_path / 'expected.pt')!r})
-        model = PeftModel.from_pretrained(make_llama(), {str(tmp_path / 'adapter')!r}).eval()
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        model = PeftModel.from_pretrained(make_llama(), {str(tmp_path / "adapter")!r}).eval()
         assert isinstance(model.peft_config["default"], hf_condroute.RoutedLoraConfig)
         with torch.no_grad():
             got = model(**data["batch"]).logits
@@ -295,8 +335,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(router, sharing):
         base = make_llama()
         if reentrant is not None:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        model = routed(base, router=router, top_k=2, init_lora_weights=False, router_sharing=sharing,
-                       router_z_loss_coef=0.1, target_modules="all-linear", lora_dropout=0.1, task_type="CAUSAL_LM")
+        model = routed(
+            base,
+            router=router,
+            top_k=2,
+            init_lora_weights=False,
+            router_sharing=sharing,
+            router_z_loss_coef=0.1,
+            target_modules="all-linear",
+            lora_dropout=0.1,
+            task_type="CAUSAL_LM",
+        )
         model.train()
         torch.manual_seed(7)
         model(**llama_batch()).loss.backward()
@@ -319,8 +368,15 @@ def saved_lora(path, seed: int, make=make_llama, **kw):
 
 def test_one_lora_with_the_monolithic_router_equals_its_peft_output_exactly(tmp_path):
     path = saved_lora(tmp_path / "lora", seed=1)
-    model = routed(make_llama(), router="monolithic", num_experts=None, r=8, lora_alpha=16, target_modules=TARGETS,
-                   lora_experts=[path]).eval()
+    model = routed(
+        make_llama(),
+        router="monolithic",
+        num_experts=None,
+        r=8,
+        lora_alpha=16,
+        target_modules=TARGETS,
+        lora_experts=[path],
+    ).eval()
     assert model.peft_config["default"].num_experts == 1  # defaults to the number of LoRAs
     reference = PeftModel.from_pretrained(make_llama(), path).eval()
     batch = llama_batch()
@@ -331,8 +387,9 @@ def test_one_lora_with_the_monolithic_router_equals_its_peft_output_exactly(tmp_
 @pytest.mark.parametrize("granularity", ["example", "token"])
 def test_two_loras_with_the_tag_router_give_each_row_its_loras_output_exactly(tmp_path, granularity):
     paths = [saved_lora(tmp_path / f"lora{i}", seed=10 + i) for i in range(2)]
-    config = RoutedLoraConfig(router="tag", r=8, lora_alpha=16, target_modules=TARGETS,
-                              routing_granularity=granularity, lora_experts=paths)
+    config = RoutedLoraConfig(
+        router="tag", r=8, lora_alpha=16, target_modules=TARGETS, routing_granularity=granularity, lora_experts=paths
+    )
     assert config.num_experts == 2
     if granularity == "example":  # tag routing pools nothing, but the warning is about the granularity
         with pytest.warns(UserWarning, match="causal language model"):
@@ -354,8 +411,17 @@ def test_experts_from_loras_train_save_and_load_without_the_sources(tmp_path):
 
     paths = [saved_lora(tmp_path / f"lora{i}", seed=20 + i, lora_alpha=32) for i in range(2)]
     # more experts than LoRAs: the others start as init_lora_weights says; another alpha rescales the copies' B
-    model = routed(make_llama(), router="top_k", top_k=2, num_experts=3, r=8, lora_alpha=16, target_modules=TARGETS,
-                   lora_experts=paths, task_type="CAUSAL_LM")
+    model = routed(
+        make_llama(),
+        router="top_k",
+        top_k=2,
+        num_experts=3,
+        r=8,
+        lora_alpha=16,
+        target_modules=TARGETS,
+        lora_experts=paths,
+        task_type="CAUSAL_LM",
+    )
     bank = layers(model)["base_model.model.model.layers.0.self_attn.q_proj"].bank("default")
     source = PeftModel.from_pretrained(make_llama(), paths[1]).base_model.model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(bank.lora_B[1], source.lora_B["default"].weight.t() * 2, rtol=0, atol=0)
@@ -392,12 +458,14 @@ def test_lora_experts_that_do_not_fit_are_refused_with_the_reason(tmp_path):
     wide = saved_lora(tmp_path / "wide", seed=5, make=lambda: make_llama(hidden_size=48))
     with pytest.raises(ValueError, match=r"does not fit this base model.*Use LoRAs trained on this base model"):
         build([wide])
-    get_peft_model(make_llama(), IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
-                   ).save_pretrained(tmp_path / "ia3")
+    get_peft_model(
+        make_llama(), IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    ).save_pretrained(tmp_path / "ia3")
     with pytest.raises(ValueError, match=r"is a IA3 adapter, not a LoRA"):
         build([str(tmp_path / "ia3")])
-    get_peft_model(make_llama(), RoutedAdapterConfig(num_experts=2, adapter_dim=4, routing_granularity="token")
-                   ).save_pretrained(tmp_path / "ra")
+    get_peft_model(
+        make_llama(), RoutedAdapterConfig(num_experts=2, adapter_dim=4, routing_granularity="token")
+    ).save_pretrained(tmp_path / "ra")
     with pytest.raises(ValueError, match=r"is a ROUTED_ADAPTER adapter, not a LoRA"):
         build([str(tmp_path / "ra")])
     with pytest.raises(ValueError, match=r"lora_experts\[0\].*is not a PEFT checkpoint"):
@@ -408,8 +476,7 @@ def test_lora_experts_that_do_not_fit_are_refused_with_the_reason(tmp_path):
         RoutedLoraConfig(num_experts=1, lora_experts=[good, good])
     untouched = make_llama()
     with pytest.raises(ValueError, match="rank r=4"):
-        get_peft_model(untouched, RoutedLoraConfig(r=8, target_modules=TARGETS,
-                                                   lora_experts=[str(tmp_path / "rank4")]))
+        get_peft_model(untouched, RoutedLoraConfig(r=8, target_modules=TARGETS, lora_experts=[str(tmp_path / "rank4")]))
     assert not any(isinstance(m, RoutedLoraLayer) for m in untouched.modules())  # refused before any replacement
 
 
@@ -447,6 +514,7 @@ def test_t5_cross_attention_keys_and_values_route_on_the_encoders_tokens(granula
         assert decision.experts.shape[:2] == (4, 7)
         assert (decision.experts[0, 5:] == -1).all()  # the encoder's padding
     model.eval()
-    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3,
-                         num_beams=2)
+    out = model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3, num_beams=2
+    )
     assert out.shape[0] == 4

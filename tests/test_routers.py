@@ -28,8 +28,23 @@ def rows(r: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_names():
-    expected = {"tag", "hash", "monolithic", "top_k", "st_gumbel", "reinforce", "softmax", "v_moe", "smoe",
-                "expert_choice", "x_moe", "moesart", "smear", "dselect_k", "comet"}
+    expected = {
+        "tag",
+        "hash",
+        "monolithic",
+        "top_k",
+        "st_gumbel",
+        "reinforce",
+        "softmax",
+        "v_moe",
+        "smoe",
+        "expert_choice",
+        "x_moe",
+        "moesart",
+        "smear",
+        "dselect_k",
+        "comet",
+    }
     assert set(ROUTERS) == expected
 
 
@@ -321,7 +336,10 @@ def test_hash_values_are_pinned():
     """Saved hash-routed models depend on these exact values: changing the hashing re-routes every example."""
     assert block_salt("enc.0") == 726057961
     assert mix(torch.tensor([0, 1, 12345, 2**40]), block_salt("enc.0")).tolist() == [
-        1306070293, 1053460960, 824582224, 1473298019
+        1306070293,
+        1053460960,
+        824582224,
+        1473298019,
     ]
     assert content_keys(torch.tensor([[5, 6, 7]])).tolist() == [678415024]
 

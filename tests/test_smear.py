@@ -125,8 +125,10 @@ def test_smear_trains_in_the_adapter_tuner_with_one_merged_expert_per_row(family
 def test_smear_in_the_routed_ffn_per_example():
     model = make_bert()
     peft_model = get_peft_model(
-        model, RoutedFFNConfig(num_experts=2, router="smear", routing_granularity="example", init_weights=False,
-                               task_type="SEQ_CLS"),
+        model,
+        RoutedFFNConfig(
+            num_experts=2, router="smear", routing_granularity="example", init_weights=False, task_type="SEQ_CLS"
+        ),
     )
     peft_model.train()
     peft_model(**bert_batch()).loss.backward()

@@ -23,7 +23,6 @@ from hf_condroute.squad import (
     token_f1,
     train_features,
 )
-
 from hf_condroute.squad.metrics import _evaluate_metric
 
 from .squad_fixtures import save_tiny_squad, tiny_squad
@@ -172,7 +171,10 @@ def test_v2_null_threshold():
     examples, features = [{"id": "q", "context": CONTEXT}], [_window("q", OFFSETS)]
     # null score 8 against the best span aa (5): no answer unless the threshold is at least 3
     assert extract_answers(examples, features, start, end, version_2=True)[0]["prediction_text"] == ""
-    assert extract_answers(examples, features, start, end, version_2=True, null_threshold=3.0)[0]["prediction_text"] == "aa"
+    assert (
+        extract_answers(examples, features, start, end, version_2=True, null_threshold=3.0)[0]["prediction_text"]
+        == "aa"
+    )
     assert extract_answers(examples, features, start, end, version_2=False)[0]["prediction_text"] == "aa"
 
 
@@ -211,7 +213,9 @@ def test_training_windows_label_the_answer_or_cls(tokenizer):
         assert example["context"][offsets[s][0] : offsets[e][1]] == example["answers"]["text"][0]
     unanswerable = {i for i, a in enumerate(data["answers"]) if not a["text"]}
     assert unanswerable and all(
-        features[i]["start_positions"] == 0 for i, n in enumerate(encoded["overflow_to_sample_mapping"]) if n in unanswerable
+        features[i]["start_positions"] == 0
+        for i, n in enumerate(encoded["overflow_to_sample_mapping"])
+        if n in unanswerable
     )
     assert inside >= len(data) - len(unanswerable)  # every answer is whole in at least one window
 
@@ -286,7 +290,10 @@ def test_distillation_trainer_keeps_the_qa_task_loss(tmp_path):
         vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )  # fmt: skip
-    model = get_peft_model(BertForQuestionAnswering(config), RoutedFFNConfig(task_type="QUESTION_ANS", num_experts=4, top_k=2, init_weights=False))
+    model = get_peft_model(
+        BertForQuestionAnswering(config),
+        RoutedFFNConfig(task_type="QUESTION_ANS", num_experts=4, top_k=2, init_weights=False),
+    )
     batch = {
         "input_ids": torch.randint(1, 30, (2, 6)), "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
         "start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([2, 3]),
@@ -315,8 +322,14 @@ def test_logit_gap_is_the_kl_and_agreement_over_real_tokens():
         vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
         initializer_range=0.5,  # logits large enough for a KL well above rounding
     )  # fmt: skip
-    model = get_peft_model(BertForQuestionAnswering(config), RoutedFFNConfig(task_type="QUESTION_ANS", num_experts=4, top_k=1, init_weights=False)).eval()
-    batch = {"input_ids": torch.randint(1, 30, (3, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])}
+    model = get_peft_model(
+        BertForQuestionAnswering(config),
+        RoutedFFNConfig(task_type="QUESTION_ANS", num_experts=4, top_k=1, init_weights=False),
+    ).eval()
+    batch = {
+        "input_ids": torch.randint(1, 30, (3, 7)),
+        "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4]),
+    }
     gap = logit_gap(model, [batch])
     dense, routed = teacher_outputs(model, batch), model(**batch)
     for key in ("start_logits", "end_logits"):

@@ -27,8 +27,15 @@ def dataset(n: int, seq2seq: bool) -> Dataset:
 
 def run(model, data, tmp_path, steps=6):
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-2,
-        report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -39,8 +46,9 @@ def run(model, data, tmp_path, steps=6):
 
 @pytest.mark.parametrize("router", ["tag", "reinforce"])
 def test_trainer_trains_routed_t5_with_routing_tags_column(router, tmp_path):
-    model = get_peft_model(make_t5(), RoutedAdapterConfig(num_experts=3, adapter_dim=8, router=router,
-                                                          task_type="SEQ_2_SEQ_LM"))
+    model = get_peft_model(
+        make_t5(), RoutedAdapterConfig(num_experts=3, adapter_dim=8, router=router, task_type="SEQ_2_SEQ_LM")
+    )
     data = dataset(48, seq2seq=True)
     trainer, changed = run(model, data, tmp_path)
     assert any("experts" in n for n in changed)
@@ -55,8 +63,12 @@ def test_trainer_trains_routed_t5_with_routing_tags_column(router, tmp_path):
 
 
 def test_trainer_trains_routed_bert_classifier(tmp_path):
-    model = get_peft_model(make_bert(), RoutedAdapterConfig(num_experts=3, adapter_dim=8, router="top_k",
-                                                            tag_supervision_coef=1.0, task_type="SEQ_CLS"))
+    model = get_peft_model(
+        make_bert(),
+        RoutedAdapterConfig(
+            num_experts=3, adapter_dim=8, router="top_k", tag_supervision_coef=1.0, task_type="SEQ_CLS"
+        ),
+    )
     data = dataset(48, seq2seq=False)
     trainer, changed = run(model, data, tmp_path, steps=12)
     assert any(".router." in n for n in changed) and any("classifier" in n for n in changed)
@@ -66,8 +78,9 @@ def test_trainer_trains_routed_bert_classifier(tmp_path):
 
 
 def test_trainer_keeps_routing_tags_column():
-    model = get_peft_model(make_bert(), RoutedAdapterConfig(num_experts=3, adapter_dim=8, router="tag",
-                                                            task_type="SEQ_CLS"))
+    model = get_peft_model(
+        make_bert(), RoutedAdapterConfig(num_experts=3, adapter_dim=8, router="tag", task_type="SEQ_CLS")
+    )
     trainer = Trainer(model=model, args=TrainingArguments(output_dir="unused", report_to=[], use_cpu=True))
     kept = trainer._remove_unused_columns(dataset(4, seq2seq=False))
     assert "routing_tags" in kept.column_names and "text" not in kept.column_names

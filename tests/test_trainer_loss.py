@@ -14,8 +14,6 @@ from hf_condroute.trainer_loss import RoutedTokenLoss
 from .conftest import VOCAB, make_t5
 
 
-
-
 def routed_t5(router: str, **routing) -> torch.nn.Module:
     adapter = RoutedAdapterConfig(
         task_type="SEQ_2_SEQ_LM", num_experts=4, adapter_dim=4, router=router, init_weights=False, **routing

@@ -10,8 +10,8 @@ transposed conv to RGB); only the widths and the image size are smaller (see `DA
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -88,9 +88,9 @@ class DiscreteAutoencoder(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        tags: Optional[torch.Tensor] = None,
-        keys: Optional[torch.Tensor] = None,
-        step: Optional[RoutingStep] = None,
+        tags: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        step: RoutingStep | None = None,
     ) -> torch.Tensor:
         features = self.encoder(images)
         inputs = RoutingInputs(tags=tags, keys=keys, step=step)

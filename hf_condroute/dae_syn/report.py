@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 from matplotlib.figure import Figure
 
@@ -31,7 +30,7 @@ def write_json(summary: dict[str, dict], path: str) -> None:
         f.write("\n")
 
 
-def _fmt(x: Optional[float], digits: int = 1) -> str:
+def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
@@ -58,7 +57,9 @@ def settings_text(settings: TrainSettings, workers: int, wall_seconds: float) ->
     )
 
 
-def write_markdown(summary: dict[str, dict], settings: TrainSettings, workers: int, wall_seconds: float, path: str) -> None:
+def write_markdown(
+    summary: dict[str, dict], settings: TrainSettings, workers: int, wall_seconds: float, path: str
+) -> None:
     text = (
         "# DAE-Syn (paper A, section 3): reconstruction loss over all 4096 images\n\n"
         "Loss = sum of squared pixel errors per image (pixels in [0, 1]), averaged over the images, after training. "
@@ -74,7 +75,9 @@ def plot_supervision(summary: dict[str, dict], path: str) -> bool:
     """Loss (log scale) and Focus/Cover against the tag-supervised fraction, for each learned router that has
     rows; the heuristic rows as horizontal lines. Returns False (and writes nothing) when no router has a
     supervision row."""
-    routers = [r for r in LEARNED_ROUTERS if any(Row(r, supervision_percent=p).name in summary for p in SUPERVISION_PERCENTS)]
+    routers = [
+        r for r in LEARNED_ROUTERS if any(Row(r, supervision_percent=p).name in summary for p in SUPERVISION_PERCENTS)
+    ]
     if not routers:
         return False
     percents = (0, *SUPERVISION_PERCENTS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -100,7 +99,7 @@ def run_study(
     try:
         futures: dict[Future, tuple[Row, int]] = {}
 
-        def submit(row: Row, seed: int, pretrained: Optional[dict] = None) -> None:
+        def submit(row: Row, seed: int, pretrained: dict | None = None) -> None:
             futures[executor.submit(_run, row, seed, settings, pretrained)] = (row, seed)
             refresh()
 

@@ -9,8 +9,8 @@ per forward, `set_reward` with each image's own loss (REINFORCE), `add_to_loss` 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from transformers import get_linear_schedule_with_warmup
@@ -18,7 +18,7 @@ from transformers import get_linear_schedule_with_warmup
 from ..metrics import routing_focus_cover
 from ..routers import router_class
 from ..step import RoutingStep
-from .data import DAESynData, NUM_VALUES
+from .data import NUM_VALUES, DAESynData
 from .model import DAEConfig, DiscreteAutoencoder, routing_configs
 
 HEURISTIC_ROUTERS = ("tag", "hash", "monolithic")
@@ -58,7 +58,7 @@ class Row:
         return f"{self.router}+init" if self.subnet_init else self.router
 
     @classmethod
-    def parse(cls, name: str) -> "Row":
+    def parse(cls, name: str) -> Row:
         """'top_k', 'top_k+sup10' or 'top_k+init'."""
         router, _, suffix = name.partition("+")
         if not suffix:
@@ -67,7 +67,9 @@ class Row:
             return cls(router, subnet_init=True)
         if suffix.startswith("sup") and suffix[3:].isdigit():
             return cls(router, supervision_percent=int(suffix[3:]))
-        raise ValueError(f"Cannot read row {name!r}: use ROUTER, ROUTER+sup<percent> (e.g. top_k+sup10) or ROUTER+init.")
+        raise ValueError(
+            f"Cannot read row {name!r}: use ROUTER, ROUTER+sup<percent> (e.g. top_k+sup10) or ROUTER+init."
+        )
 
 
 def default_rows() -> list[Row]:
@@ -128,8 +130,8 @@ def train(
     data: DAESynData,
     settings: TrainSettings,
     seed: int,
-    tags: Optional[torch.Tensor],
-    on_steps: Optional[Callable[[int], None]] = None,
+    tags: torch.Tensor | None,
+    on_steps: Callable[[int], None] | None = None,
 ) -> None:
     """Adam with warm-up and linear decay, gradient clipping; batches drawn epoch by epoch without replacement.
     `tags` are the routing tags the blocks see in training (-100 where unknown), or None."""
@@ -186,9 +188,9 @@ def run_row(
     seed: int,
     data: DAESynData,
     settings: TrainSettings,
-    pretrained: Optional[dict[str, torch.Tensor]] = None,
-    on_steps: Optional[Callable[[int], None]] = None,
-) -> tuple[dict[str, float], Optional[dict[str, torch.Tensor]]]:
+    pretrained: dict[str, torch.Tensor] | None = None,
+    on_steps: Callable[[int], None] | None = None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
     """Train and evaluate one row for one seed. Returns its scores and, for the tag row, the subnetworks and
     decoder that subnet-init rows start from. A `+init` row needs `pretrained` (see `pretrain_for_init`)."""
     model = build_model(row, settings, seed)
@@ -209,7 +211,7 @@ def run_row(
 
 
 def pretrain_for_init(
-    seed: int, data: DAESynData, settings: TrainSettings, on_steps: Optional[Callable[[int], None]] = None
+    seed: int, data: DAESynData, settings: TrainSettings, on_steps: Callable[[int], None] | None = None
 ) -> dict[str, torch.Tensor]:
     """Paper A 4.3's first phase: the tag row of this seed, trained for as many steps."""
     return run_row(Row("tag"), seed, data, settings, on_steps=on_steps)[1]

@@ -14,7 +14,7 @@ in the graph, so DDP never sees an unused parameter.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -37,9 +37,10 @@ class ExpertBank(nn.Module):
         """The dtype of the bank's weights, which its inputs are cast to."""
         return next(p for p in self.parameters() if p.is_floating_point()).dtype
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False
+    ) -> torch.Tensor:
         raise NotImplementedError
-
 
 
 class MLPExpertBank(ExpertBank):
@@ -48,12 +49,14 @@ class MLPExpertBank(ExpertBank):
 
     can_merge = True
     act: Callable[[torch.Tensor], torch.Tensor]
-    post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # on the hidden units after `act` (dropout)
+    post: Callable[[torch.Tensor], torch.Tensor] | None = None  # on the hidden units after `act` (dropout)
 
     def mlp_weights(self) -> ExpertMLPWeights:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False
+    ) -> torch.Tensor:
         return expert_mlp(x, experts, weights, self.mlp_weights(), self.act, post=self.post, merge=merge)
 
 
@@ -114,7 +117,9 @@ class EmbeddingBank(ExpertBank):
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.embeddings = nn.Parameter(torch.randn(num_experts, out_features))
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False
+    ) -> torch.Tensor:
         valid = (experts >= 0).unsqueeze(-1)
         vectors = self.embeddings[experts.clamp(min=0)] * valid  # (R, k, D)
         out = (weights.unsqueeze(-1).to(vectors.dtype) * vectors).sum(dim=1)

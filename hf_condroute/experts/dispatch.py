@@ -7,7 +7,7 @@ strategy of `strategies.STRATEGIES`. `dispatch` runs experts of any other shape,
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -27,8 +27,8 @@ def expert_mlp(
     weights: torch.Tensor,
     mlp: ExpertMLPWeights,
     act: Callable[[torch.Tensor], torch.Tensor],
-    strategy: Optional[str] = None,
-    post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    strategy: str | None = None,
+    post: Callable[[torch.Tensor], torch.Tensor] | None = None,
     merge: bool = False,
 ) -> torch.Tensor:
     """sum_j weights[:, j] * f_{experts[:, j]}(x) for rows x (R, ..., D), experts and weights (R, k) (-1: empty slot);
@@ -73,7 +73,7 @@ def expert_mlp(
     elif strategy is None:
         strategy = "single" if one_expert else choose_strategy(rows, length, width, assignments, mlp)
 
-    def hidden(pre: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    def hidden(pre: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         h = act(pre) if gate is None else act(gate) * pre
         return post(h) if post is not None else h
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -20,7 +19,7 @@ class Grouping:
     rows: torch.Tensor
     weights: torch.Tensor
     counts: list[int]
-    inverse: Optional[torch.Tensor]
+    inverse: torch.Tensor | None
 
     @property
     def experts(self) -> torch.Tensor:
@@ -51,7 +50,7 @@ def count_assignments(experts: torch.Tensor, num_experts: int) -> tuple[int, lis
 
 
 def group_by_expert(
-    experts: torch.Tensor, weights: torch.Tensor, num_experts: int, counted: Optional[tuple[int, list[int]]] = None
+    experts: torch.Tensor, weights: torch.Tensor, num_experts: int, counted: tuple[int, list[int]] | None = None
 ) -> Grouping:
     """Flatten (R, k) assignments, drop empty slots (-1) and sort by expert (stable: rows keep their order)."""
     rows_total, k = experts.shape

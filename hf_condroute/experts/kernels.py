@@ -3,8 +3,6 @@ and dtype, else one matmul per non-empty group."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -125,8 +123,8 @@ def grouped_linear(
     b: torch.Tensor,
     offsets: torch.Tensor,
     counts: list[int],
-    bias: Optional[torch.Tensor] = None,
-    row_scale: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a (M, D), its rows grouped by expert (group e has counts[e] rows and ends at offsets[e]), times
     b[e] (N, D, H) -> (M, H), plus bias[e] (N, H) on each row of group e, times row_scale (M,) if given.

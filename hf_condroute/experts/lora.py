@@ -4,8 +4,6 @@ them."""
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 from torch import nn
 
@@ -37,7 +35,7 @@ class LoraBank(MLPExpertBank):
         r: int,
         lora_alpha: float,
         lora_dropout: float = 0.0,
-        init_lora_weights: Union[bool, str] = True,
+        init_lora_weights: bool | str = True,
     ):
         super().__init__()
         self.num_experts, self.in_features, self.out_features, self.r = num_experts, in_features, out_features, r
@@ -49,7 +47,7 @@ class LoraBank(MLPExpertBank):
         self.reset_parameters(init_lora_weights)
 
     @torch.no_grad()
-    def reset_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+    def reset_parameters(self, init_lora_weights: bool | str = True) -> None:
         if init_lora_weights not in LORA_INITS:
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}.")
         if init_lora_weights == "gaussian":
@@ -74,7 +72,9 @@ class LoraBank(MLPExpertBank):
     def mlp_weights(self) -> ExpertMLPWeights:
         return ExpertMLPWeights(self.lora_A, None, self.lora_B, None)
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False
+    ) -> torch.Tensor:
         if merge:  # SMEAR merges A and B with the weights themselves; the scaling then applies once, to the output
             return super().forward(self.dropout(x), experts, weights, merge=True) * self.scaling
         return super().forward(self.dropout(x), experts, weights * self.scaling)

@@ -15,12 +15,12 @@ activation (and `post`), and `counted` is `count_assignments`' result (the dispa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
-from .grouping import gather_rows, combine_rows, group_by_expert, group_offsets
+from .grouping import combine_rows, gather_rows, group_by_expert, group_offsets
 from .kernels import grouped_linear
 
 # Cost model, in multiply-adds: moving one value through memory (a gather, or its backward) costs about
@@ -30,7 +30,7 @@ from .kernels import grouped_linear
 MOVE_COST_IN_MACS = 16.0
 GROUPED_OVERHEAD_IN_MACS = 16e6
 
-Hidden = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+Hidden = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
@@ -38,11 +38,11 @@ class ExpertMLPWeights:
     """Stacked weights of N two-matmul experts (see the module docstring); `w_gate`/`b_gate` make them gated."""
 
     w1: torch.Tensor  # (N, D, H)
-    b1: Optional[torch.Tensor]  # (N, H)
+    b1: torch.Tensor | None  # (N, H)
     w2: torch.Tensor  # (N, H, O)
-    b2: Optional[torch.Tensor]  # (N, O)
-    w_gate: Optional[torch.Tensor] = None  # (N, D, H)
-    b_gate: Optional[torch.Tensor] = None  # (N, H)
+    b2: torch.Tensor | None  # (N, O)
+    w_gate: torch.Tensor | None = None  # (N, D, H)
+    b_gate: torch.Tensor | None = None  # (N, H)
 
     @property
     def gated(self) -> bool:
@@ -87,7 +87,7 @@ def dense_weights(experts: torch.Tensor, weights: torch.Tensor, num_experts: int
     return weights.new_zeros(experts.shape[0], num_experts).scatter_add(1, experts.clamp(min=0), weights)
 
 
-def _weighted_output_bias(b2: Optional[torch.Tensor], experts: torch.Tensor, weights: torch.Tensor):
+def _weighted_output_bias(b2: torch.Tensor | None, experts: torch.Tensor, weights: torch.Tensor):
     """sum_j w_j b2[e_j] per row: (R, O), or None without a bias."""
     return None if b2 is None else dense_weights(experts, weights, b2.shape[0]) @ b2
 
@@ -176,7 +176,7 @@ def merged(seq, experts, weights, mlp: ExpertMLPWeights, hidden: Hidden, counted
     n = mlp.w1.shape[0]
     dense_w = dense_weights(experts, weights, n)  # (R, N)
 
-    def merge(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def merge(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else (dense_w @ t.reshape(n, -1)).view(rows, *t.shape[1:])
 
     def first(w, b):

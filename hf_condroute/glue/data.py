@@ -8,7 +8,7 @@ problem of every task is reported at once, with what to do about it.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
@@ -21,7 +21,7 @@ class GlueDataError(ValueError):
     """The GLUE data cannot be used as it is; the message lists every problem found and how to fix it."""
 
 
-def _load_one(task: GlueTask, data_dir: Optional[str]) -> tuple[Optional[DatasetDict], Optional[str]]:
+def _load_one(task: GlueTask, data_dir: str | None) -> tuple[DatasetDict | None, str | None]:
     """(dataset, None) or (None, problem)."""
     if data_dir is None:
         return load_dataset(HUB_DATASET, task.name), None
@@ -72,7 +72,7 @@ def check_task_data(task: GlueTask, data: DatasetDict, splits: Iterable[str]) ->
 
 
 def load_glue(
-    tasks: list[GlueTask], data_dir: Optional[str] = None, splits: Optional[dict[str, Iterable[str]]] = None
+    tasks: list[GlueTask], data_dir: str | None = None, splits: dict[str, Iterable[str]] | None = None
 ) -> dict[str, DatasetDict]:
     """{task name: DatasetDict} for `tasks`, from `data_dir` or the Hub, after checking all of them.
 
@@ -101,7 +101,7 @@ def load_glue(
     return loaded
 
 
-def take(dataset: Dataset, max_samples: Optional[int]) -> Dataset:
+def take(dataset: Dataset, max_samples: int | None) -> Dataset:
     """The first `max_samples` rows (all of them when None or larger than the dataset)."""
     if max_samples is None or max_samples >= len(dataset):
         return dataset

@@ -11,7 +11,7 @@ wrong for accuracy and F1, a class of their own for Matthews correlation (so gar
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr

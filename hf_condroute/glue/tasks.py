@@ -7,7 +7,6 @@ columns, splits, label ids and metrics. A task's id (its position in `GLUE_TASKS
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ class GlueTask:
 
     name: str
     text_columns: tuple[str, ...]
-    label_names: Optional[tuple[str, ...]]
+    label_names: tuple[str, ...] | None
     metrics: tuple[str, ...]
     eval_splits: tuple[tuple[str, str], ...]
     train_split: str = "train"
@@ -60,7 +59,9 @@ def _validation(name: str) -> tuple[tuple[str, str], ...]:
 GLUE_TASKS: tuple[GlueTask, ...] = (
     GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",), _validation("cola")),
     GlueTask("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), _validation("sst2")),
-    GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"), _validation("mrpc")),
+    GlueTask(
+        "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"), _validation("mrpc")
+    ),
     GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy"), _validation("qqp")),
     GlueTask("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), _validation("stsb")),
     GlueTask(
@@ -85,7 +86,7 @@ def get_task(name: str) -> GlueTask:
     raise ValueError(f"Unknown GLUE task {name!r}.{hint} Valid tasks: {', '.join(GLUE_TASK_NAMES)}.")
 
 
-def get_tasks(names: Optional[list[str]] = None) -> list[GlueTask]:
+def get_tasks(names: list[str] | None = None) -> list[GlueTask]:
     """Tasks by name, in GLUE order; None: all eight. Duplicates and unknown names are errors."""
     if names is None:
         return list(GLUE_TASKS)

@@ -57,9 +57,7 @@ def tokenize_for_t5(task: GlueTask, dataset: Dataset, tokenizer, max_source_leng
 
     def encode(batch: dict) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        features = tokenizer(
-            [source_text(task, row) for row in rows], max_length=max_source_length, truncation=True
-        )
+        features = tokenizer([source_text(task, row) for row in rows], max_length=max_source_length, truncation=True)
         features["labels"] = tokenizer(text_target=[target_text(task, row["label"]) for row in rows])["input_ids"]
         features["routing_tags"] = [task.tag] * len(rows)
         return features

@@ -4,7 +4,7 @@ FFNs alike are two-matmul experts (`expert_mlp`, which picks the fastest exact s
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class FFNSliceBank(MLPExpertBank):
         gated: bool = False,
         in_bias: bool = True,
         out_bias: bool = True,
-        dropout: Optional[nn.Module] = None,
+        dropout: nn.Module | None = None,
     ):
         super().__init__()
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
@@ -52,7 +52,7 @@ class FFNSliceBank(MLPExpertBank):
         self.register_buffer("neuron_index", torch.zeros(n, e, dtype=torch.long))
 
     @classmethod
-    def from_ffn(cls, parts: FFNParts, neuron_index: torch.Tensor) -> "FFNSliceBank":
+    def from_ffn(cls, parts: FFNParts, neuron_index: torch.Tensor) -> FFNSliceBank:
         """A bank whose expert e holds the dense FFN's neurons `neuron_index[e]`. Quantized projections (a 4-bit or
         8-bit base) are dequantized: the experts are trainable floating-point copies of their slices."""
         weight = dequantized_weight(parts.in_proj[-1])

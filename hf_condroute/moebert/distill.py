@@ -15,7 +15,8 @@ checkpointing recomputes routed blocks during backward), so the student's forwar
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,18 +44,22 @@ def teacher_outputs(model: nn.Module, inputs: Mapping[str, Any], eval_mode: bool
 
 def _hidden_states(outputs) -> list[tuple[str, tuple]]:
     found = []
-    for side, key in (("self", "hidden_states"), ("encoder", "encoder_hidden_states"), ("decoder", "decoder_hidden_states")):
+    for side, key in (
+        ("self", "hidden_states"),
+        ("encoder", "encoder_hidden_states"),
+        ("decoder", "decoder_hidden_states"),
+    ):
         states = getattr(outputs, key, None) if not isinstance(outputs, Mapping) else outputs.get(key)
         if states is not None:
             found.append((side, states))
     return found
 
 
-def _masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     err = (student.float() - teacher.float()).pow(2).mean(dim=-1)  # (B, L)
     if mask is None:
         return err.mean()
-    m = mask[:, -err.shape[1]:].to(err.dtype)
+    m = mask[:, -err.shape[1] :].to(err.dtype)
     return (err * m).sum() / m.sum().clamp(min=1.0)
 
 
@@ -78,9 +83,9 @@ def hidden_state_loss(student, teacher, attention_mask=None, decoder_attention_m
 def logit_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    regression: Optional[bool] = None,
+    regression: bool | None = None,
     temperature: float = 1.0,
-    mask: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(teacher || student) of the softened distributions times temperature^2, averaged over examples (or over
     positions where `mask` is set, for per-token logits); MSE when `regression` (default: a single output)."""
@@ -91,9 +96,15 @@ def logit_loss(
         return F.mse_loss(s, t)
     s = s.reshape(-1, s.shape[-1])
     t = t.reshape(-1, t.shape[-1])
-    kl = F.kl_div(
-        F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1), log_target=True, reduction="none"
-    ).sum(dim=-1) * temperature**2
+    kl = (
+        F.kl_div(
+            F.log_softmax(s / temperature, dim=-1),
+            F.log_softmax(t / temperature, dim=-1),
+            log_target=True,
+            reduction="none",
+        ).sum(dim=-1)
+        * temperature**2
+    )
     if mask is not None and mask.numel() == kl.numel():
         m = mask.reshape(-1).to(kl.dtype)
         return (kl * m).sum() / m.sum().clamp(min=1.0)
@@ -103,14 +114,14 @@ def logit_loss(
 def span_logit_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """KL(teacher || student) of a span-boundary distribution (QA start or end logits, (batch, length)) over each
     window's non-padding tokens, times temperature^2, averaged over windows."""
     s, t = student_logits.float(), teacher_logits.float()
     if attention_mask is not None:
-        pad = attention_mask[:, -s.shape[1]:] == 0
+        pad = attention_mask[:, -s.shape[1] :] == 0
         # both sides get (near) zero probability on padding, where the KL then adds exactly 0
         s, t = s.masked_fill(pad, torch.finfo(s.dtype).min), t.masked_fill(pad, torch.finfo(t.dtype).min)
     return logit_loss(s, t, regression=False, temperature=temperature)
@@ -122,10 +133,10 @@ SPAN_LOGITS = ("start_logits", "end_logits")
 def distillation_loss(
     student,
     teacher,
-    attention_mask: Optional[torch.Tensor] = None,
-    decoder_attention_mask: Optional[torch.Tensor] = None,
-    labels: Optional[torch.Tensor] = None,
-    regression: Optional[bool] = None,
+    attention_mask: torch.Tensor | None = None,
+    decoder_attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    regression: bool | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """MoEBERT's distillation term (without the task loss): hidden-state MSE of every layer plus the logit KL
@@ -160,7 +171,14 @@ class DistillationTrainer(Trainer):
     Evaluation uses the plain task loss, so evaluation losses compare with the dense model's.
     """
 
-    def __init__(self, *args, distill_coef: float = 1.0, distill_temperature: float = 1.0, regression: Optional[bool] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        distill_coef: float = 1.0,
+        distill_temperature: float = 1.0,
+        regression: bool | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if distill_coef < 0:
             raise ValueError(f"distill_coef must be >= 0, got {distill_coef}.")

@@ -4,13 +4,12 @@ disabled (the dense teacher) and enabled, compared layer by layer (`hidden_state
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from accelerate.utils import send_to_device
+from torch import nn
 
 from .distill import SPAN_LOGITS, _hidden_states, teacher_outputs
 from .modes import eval_mode
@@ -23,7 +22,11 @@ def _layers(outputs, inputs) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     for side, states in _hidden_states(outputs):
         mask = inputs.get("decoder_attention_mask") if side == "decoder" else inputs.get("attention_mask")
         for h in states[1:]:
-            m = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if mask is None else mask[:, -h.shape[1]:].bool()
+            m = (
+                torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+                if mask is None
+                else mask[:, -h.shape[1] :].bool()
+            )
             out.append((side, h.float(), m))
     return out
 
@@ -37,7 +40,7 @@ def _mean_pooled_last(layers) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def hidden_state_gap(model: nn.Module, dataloader: Iterable, max_batches: Optional[int] = None) -> dict:
+def hidden_state_gap(model: nn.Module, dataloader: Iterable, max_batches: int | None = None) -> dict:
     """Hidden-state distance between the routed model and the dense one (adapters disabled) over non-padding
     tokens, in eval mode, on the batches of `dataloader` (dicts of model inputs).
 
@@ -84,19 +87,25 @@ def hidden_state_gap(model: nn.Module, dataloader: Iterable, max_batches: Option
     }
 
 
-def _logit_rows(key: str, logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _logit_rows(key: str, logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The distributions of one logit output as rows (examples, or tokens, or QA windows), over the last axis."""
     logits = logits.float()
     if key in SPAN_LOGITS:  # a window's distribution over its tokens: padding gets no probability
-        return logits if mask is None else logits.masked_fill(mask[:, -logits.shape[1]:] == 0, torch.finfo(logits.dtype).min)
+        return (
+            logits
+            if mask is None
+            else logits.masked_fill(mask[:, -logits.shape[1] :] == 0, torch.finfo(logits.dtype).min)
+        )
     if logits.dim() == 3:  # per-token logits: the non-padding tokens
-        keep = mask[:, -logits.shape[1]:].bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool)
+        keep = (
+            mask[:, -logits.shape[1] :].bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool)
+        )
         return logits[keep.to(logits.device)]
     return logits.reshape(-1, logits.shape[-1])
 
 
 @torch.no_grad()
-def logit_gap(model: nn.Module, dataloader: Iterable, max_batches: Optional[int] = None) -> dict:
+def logit_gap(model: nn.Module, dataloader: Iterable, max_batches: int | None = None) -> dict:
     """How far the routed model's output logits are from the dense model's (adapters disabled), in eval mode.
 
     For each logit output the model gives (`logits`; for question answering `start_logits` and `end_logits`,
@@ -125,7 +134,10 @@ def logit_gap(model: nn.Module, dataloader: Iterable, max_batches: Optional[int]
                     acc["sq"] += float((r.float() - d.float()).pow(2).sum())
                     acc["rows"] += r.numel()
                     continue
-                r, d = _logit_rows(key, r, inputs.get("attention_mask")), _logit_rows(key, d, inputs.get("attention_mask"))
+                r, d = (
+                    _logit_rows(key, r, inputs.get("attention_mask")),
+                    _logit_rows(key, d, inputs.get("attention_mask")),
+                )
                 kl = F.kl_div(F.log_softmax(r, -1), F.log_softmax(d, -1), log_target=True, reduction="none").sum(-1)
                 acc["kl"] += float(kl.sum())
                 acc["agree"] += float((r.argmax(-1) == d.argmax(-1)).sum())

@@ -13,7 +13,7 @@ projection's input. The weights they use are the dequantized ones the layers com
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from accelerate.utils import send_to_device
@@ -45,10 +45,10 @@ def importance_scores(
     model: nn.Module,
     dataloader: Iterable,
     *,
-    loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None,
-    max_batches: Optional[int] = None,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
+    max_batches: int | None = None,
     target_modules=None,
-    layout: Optional[FFNLayout] = None,
+    layout: FFNLayout | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Importance of every FFN neuron of a dense model, accumulated over `dataloader`.
@@ -81,7 +81,11 @@ def importance_scores(
         for p in flat:
             p.requires_grad_(True)
         with eval_mode(model):
-            total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+            total = (
+                max_batches
+                if max_batches is not None
+                else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+            )
             for batch in tqdm(dataloader, total=total, disable=not progress, desc="importance"):
                 if max_batches is not None and seen >= max_batches:
                     break
@@ -133,7 +137,11 @@ def _importance_from_activations(model, ffns: dict[str, FFNParts], dataloader, l
         for p, _ in flags:
             p.requires_grad_(False)  # nothing but the activations needs a gradient
         with eval_mode(model):
-            total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+            total = (
+                max_batches
+                if max_batches is not None
+                else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+            )
             for batch in tqdm(dataloader, total=total, disable=not progress, desc="importance"):
                 if max_batches is not None and seen >= max_batches:
                     break

@@ -11,13 +11,12 @@ projection lies beside it; in T5 the whole FFN is `DenseReluDense`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Optional, Union
-
-from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from torch import nn
 
 from ..architectures import FFN_LAYOUTS, ROUTED_FFN_TARGET_MODULES, FFNLayout
 
@@ -32,7 +31,7 @@ class FFNParts:
     in_proj: tuple[nn.Linear, ...]  # (proj,) or (gate, up)
     out_proj: nn.Linear
     activation: Callable
-    dropout: Optional[nn.Module]
+    dropout: nn.Module | None
 
     @property
     def gated(self) -> bool:
@@ -58,11 +57,11 @@ class FFNParts:
 
 def layout_from_fields(
     entry: str,
-    in_proj: Optional[Union[list[str], tuple[str, ...], str]],
-    out_proj: Optional[str],
-    activation: Optional[str],
-    dropout: Optional[str] = None,
-) -> Optional[FFNLayout]:
+    in_proj: list[str] | tuple[str, ...] | str | None,
+    out_proj: str | None,
+    activation: str | None,
+    dropout: str | None = None,
+) -> FFNLayout | None:
     """A layout from a config's `ffn_*` fields (None when they are not set)."""
     if in_proj is None:
         return None
@@ -84,7 +83,7 @@ def _resolve_path(parent: nn.Module, path: str):
     return obj
 
 
-def _activation(parent: nn.Module, spec: str) -> Optional[Callable]:
+def _activation(parent: nn.Module, spec: str) -> Callable | None:
     found = _resolve_path(parent, spec)
     if found is not None:
         return _unwrap(found) if isinstance(found, nn.Module) else found
@@ -93,7 +92,7 @@ def _activation(parent: nn.Module, spec: str) -> Optional[Callable]:
     return ACT2FN[spec] if spec in ACT2FN else None
 
 
-def try_resolve(name: str, parent: nn.Module, layout: FFNLayout) -> Optional[FFNParts]:
+def try_resolve(name: str, parent: nn.Module, layout: FFNLayout) -> FFNParts | None:
     """The FFN at `name` under `layout`, or None if one of its pieces is missing."""
     modules = [_resolve_path(parent, p) for p in (*layout.in_proj, layout.out_proj)]
     if any(m is None for m in modules):
@@ -110,7 +109,7 @@ def try_resolve(name: str, parent: nn.Module, layout: FFNLayout) -> Optional[FFN
     return FFNParts(name, parent, layout, tuple(modules[:-1]), modules[-1], act, dropout)
 
 
-def resolve_ffn(name: str, parent: nn.Module, entry: str, model_type: Optional[str], layout: Optional[FFNLayout]) -> FFNParts:
+def resolve_ffn(name: str, parent: nn.Module, entry: str, model_type: str | None, layout: FFNLayout | None) -> FFNParts:
     """Resolve the FFN whose entry is `parent.<entry>` (module name `name`), with the given layout or the known ones."""
     if layout is not None:
         candidates = (layout,)
@@ -159,8 +158,8 @@ def _check_parts(parts: FFNParts) -> None:
 
 def find_ffns(
     model: nn.Module,
-    target_modules: Optional[Union[list[str], set[str], str]] = None,
-    layout: Optional[FFNLayout] = None,
+    target_modules: list[str] | set[str] | str | None = None,
+    layout: FFNLayout | None = None,
     exclude_modules=None,
     modules_to_save=None,
     allow_peft_layers: bool = False,
@@ -187,7 +186,9 @@ def find_ffns(
                 "input enters) and the `ffn_*` paths of its pieces."
             )
     matcher = SimpleNamespace(
-        target_modules=target_modules, exclude_modules=exclude_modules, modules_to_save=modules_to_save,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+        modules_to_save=modules_to_save,
         target_parameters=None,
     )
     found: dict[str, FFNParts] = {}

@@ -37,7 +37,9 @@ def register_router(cls: type[Router]) -> type[Router]:
 
 def router_class(name: str) -> type[Router]:
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown router {name!r}. Valid routers: {', '.join(_REGISTRY)}. Set `router=` to one of them.")
+        raise ValueError(
+            f"Unknown router {name!r}. Valid routers: {', '.join(_REGISTRY)}. Set `router=` to one of them."
+        )
     return _REGISTRY[name]
 
 

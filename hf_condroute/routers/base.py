@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,9 +38,9 @@ class RoutingDecision:
     experts: torch.Tensor
     weights: torch.Tensor
     probs: torch.Tensor
-    logits: Optional[torch.Tensor] = None
-    baseline: Optional[torch.Tensor] = None
-    dropped: Optional[torch.Tensor] = None
+    logits: torch.Tensor | None = None
+    baseline: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
 
     def requested_experts(self) -> torch.Tensor:
         """The experts the router chose, before any capacity limit (what its auxiliary losses are computed on)."""
@@ -54,7 +54,7 @@ class RouterNetwork(nn.Module):
     """Paper A's router: BatchNorm1d (whose running statistics are right after a short run, see `norm`) then Linear
     to N logits (the softmax is applied by the router)."""
 
-    def __init__(self, in_features: int, num_experts: int, batchnorm: bool = True, init_std: Optional[float] = None):
+    def __init__(self, in_features: int, num_experts: int, batchnorm: bool = True, init_std: float | None = None):
         super().__init__()
         self.norm = RouterBatchNorm1d(in_features) if batchnorm else nn.Identity()
         self.proj = nn.Linear(in_features, num_experts)
@@ -143,7 +143,7 @@ class Router(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         return run_in_float32(self.network, x) / self.config.router_temperature
 
-    def forward(self, x: torch.Tensor, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+    def forward(self, x: torch.Tensor, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
         logits = self.compute_logits(x)
         return self.select(logits, x)
 
@@ -186,9 +186,9 @@ class Router(nn.Module):
         self,
         logits: torch.Tensor,
         experts: torch.Tensor,
-        baseline: Optional[torch.Tensor] = None,
-        targets: Optional[torch.Tensor] = None,
-        reward: Optional[torch.Tensor] = None,
+        baseline: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        reward: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The weighted auxiliary losses of one decision, as functions of its logits (and baseline)."""
         coefs = self.loss_coefficients()

@@ -84,7 +84,11 @@ class CometRouter(SmoothStepGate):
         # k*(N-1) split pre-activations, then k*N leaf scores
         k = self.top_k
         return SmoothGateNetwork(
-            in_features, k * (2 * num_experts - 1), k * (num_experts - 1), config.comet_gamma, config.router_batchnorm,
+            in_features,
+            k * (2 * num_experts - 1),
+            k * (num_experts - 1),
+            config.comet_gamma,
+            config.router_batchnorm,
             config.router_init_std,
         )
 

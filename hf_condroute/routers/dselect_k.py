@@ -54,7 +54,12 @@ class DSelectKRouter(SmoothStepGate):
         # k*m selector logits, then k selector-mixing logits (the reference's init: mixing biases U(+-0.05))
         k, m = self.top_k, code_bits(num_experts)
         return SmoothGateNetwork(
-            in_features, k * (m + 1), k * m, config.dselect_gamma, config.router_batchnorm, config.router_init_std,
+            in_features,
+            k * (m + 1),
+            k * m,
+            config.dselect_gamma,
+            config.router_batchnorm,
+            config.router_init_std,
             score_bias=0.05,
         )
 

@@ -8,7 +8,6 @@ exponentially from `gumbel_temperature_start` to the floor `gumbel_temperature_m
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -28,14 +27,14 @@ class STGumbelRouter(Router):
         super().__init__(in_features, num_experts, config, block_name)
         # training forwards seen so far: saved with the adapter, so a resumed run continues the schedule
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self._last_step: Optional[int] = None
+        self._last_step: int | None = None
 
     def temperature(self) -> float:
         c = self.config
         t = int(self.num_updates)
         return max(c.gumbel_temperature_min, c.gumbel_temperature_start * math.exp(-c.gumbel_anneal_rate * t))
 
-    def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         if not self.training:

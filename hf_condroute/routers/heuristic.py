@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +25,7 @@ class TagRouter(Router):
     uses_top_k = False
     needs_tags = True
 
-    def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
         if tags is None:
             raise ValueError(
                 f"The tag router of block {self.block_name or '<unnamed>'} needs `routing_tags`: pass "
@@ -57,7 +55,7 @@ class HashRouter(Router):
         super().__init__(in_features, num_experts, config, block_name)
         self.salt = block_salt(block_name, config.hash_seed)
 
-    def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
         if keys is None:
             raise ValueError(
                 f"The hash router of block {self.block_name or '<unnamed>'} has no key to hash: pass `input_ids`, or, "
@@ -78,6 +76,6 @@ class MonolithicRouter(Router):
     def __init__(self, in_features, num_experts, config, block_name=""):
         super().__init__(in_features, 1, config, block_name)
 
-    def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
         experts = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return _one_hot_decision(experts, 1)

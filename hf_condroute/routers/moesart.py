@@ -9,8 +9,6 @@ Evaluation: the top k of g with equal weights 1/k (strategy (iii) on the top-k s
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .base import Router, RoutingDecision, equal_weights
@@ -51,7 +49,7 @@ def adjusted_weights(
     counts: torch.Tensor,
     k: int,
     strategy: str = "moesart",
-    z: Optional[torch.Tensor] = None,
+    z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """g_tilde on the selected experts: softmax over s of the adjusted logits.
 
@@ -92,12 +90,14 @@ class MoesartRouter(Router):
         "(paper B section 3.1)."
     )
 
-    def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         if not self.training:
             experts = probs.topk(self.top_k, dim=-1).indices
-            return RoutingDecision(experts=experts, weights=equal_weights(experts, probs.dtype), probs=probs, logits=logits)
+            return RoutingDecision(
+                experts=experts, weights=equal_weights(experts, probs.dtype), probs=probs, logits=logits
+            )
         draws = inverse_cdf_sample(probs, self.top_k, self.config.moesart_replacement)
         experts, counts = unique_with_counts(draws, self.num_experts)
         weights = adjusted_weights(logits, experts, counts, self.top_k, "moesart")

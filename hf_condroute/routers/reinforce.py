@@ -11,8 +11,6 @@ Evaluation: the k most probable experts.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -50,7 +48,7 @@ class ReinforceRouter(Router):
         super().__init__(in_features, num_experts, config, block_name)
         self.baseline = Baseline(in_features, config.reinforce_baseline_hidden)
 
-    def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         if self.training:

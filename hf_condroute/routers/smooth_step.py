@@ -49,8 +49,16 @@ class SmoothGateNetwork(RouterNetwork):
     U(+-gamma/100)), the rest are scores with weights U(+-0.05) and biases U(+-score_bias). `init_std` replaces
     it with the other routers' N(0, std^2) weights and zero biases."""
 
-    def __init__(self, in_features, out_features, smooth: int, gamma: float, batchnorm: bool, init_std=None,
-                 score_bias: float = 0.0):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        smooth: int,
+        gamma: float,
+        batchnorm: bool,
+        init_std=None,
+        score_bias: float = 0.0,
+    ):
         super().__init__(in_features, out_features, batchnorm, init_std)
         if init_std is None:
             with torch.no_grad():

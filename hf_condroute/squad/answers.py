@@ -9,10 +9,9 @@ over all windows of a question wins. For SQuAD v2.0 the question gets no answer 
 from __future__ import annotations
 
 import collections
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-
 
 # the null answer is scored at the first position: [CLS] for BERT-like models, where the training windows
 # without an answer point (hf_condroute.squad.features)
@@ -61,7 +60,7 @@ def extract_answers(
         windows[feature["example_id"]].append(i)
     predictions = []
     for example in examples:
-        best: Optional[tuple[float, int, int]] = None
+        best: tuple[float, int, int] | None = None
         null_score = None
         for i in windows.get(example["id"], ()):
             offsets = features[i]["offset_mapping"]

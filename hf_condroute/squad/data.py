@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
@@ -46,7 +45,9 @@ def check_squad_data(version: SquadVersion, data: DatasetDict, where: str) -> No
     problems = []
     for split in (version.train_split, version.eval_split):
         if split not in data:
-            problems.append(f"no split {split!r} (it has {', '.join(data) or 'none'}); {version.name} needs train and validation.")
+            problems.append(
+                f"no split {split!r} (it has {', '.join(data) or 'none'}); {version.name} needs train and validation."
+            )
             continue
         features = data[split].features
         missing = [c for c in COLUMNS if c not in features]
@@ -73,7 +74,11 @@ def _local(version: SquadVersion, data_dir: str) -> DatasetDict:
             f"--data_dir {data_dir} is not a folder. Save the data with `load_dataset('{version.hub_dataset}')"
             f".save_to_disk(...)` and point --data_dir there, or leave it out to load {version.hub_dataset} from the Hub."
         )
-    path = data_dir if os.path.exists(os.path.join(data_dir, "dataset_dict.json")) else os.path.join(data_dir, version.name)
+    path = (
+        data_dir
+        if os.path.exists(os.path.join(data_dir, "dataset_dict.json"))
+        else os.path.join(data_dir, version.name)
+    )
     if not os.path.isdir(path):
         raise SquadDataError(
             f"Neither {data_dir} nor {path} is a `save_to_disk` DatasetDict. Save {version.name} with "
@@ -91,7 +96,7 @@ def _local(version: SquadVersion, data_dir: str) -> DatasetDict:
     return data
 
 
-def load_squad(name: str, data_dir: Optional[str] = None) -> DatasetDict:
+def load_squad(name: str, data_dir: str | None = None) -> DatasetDict:
     """SQuAD v1.1 (`squad`) or v2.0 (`squad_v2`), from `data_dir` or the Hub, checked."""
     version = get_squad_version(name)
     data = _local(version, data_dir) if data_dir is not None else load_dataset(version.hub_dataset)

@@ -22,7 +22,9 @@ def _check_tokenizer(tokenizer) -> None:
             "with AutoTokenizer.from_pretrained(..., use_fast=True)."
         )
     if tokenizer.padding_side != "right":
-        raise ValueError("SQuAD preprocessing puts the question first and truncates the context: use padding_side='right'.")
+        raise ValueError(
+            "SQuAD preprocessing puts the question first and truncates the context: use padding_side='right'."
+        )
 
 
 def _windows(tokenizer, batch, max_length: int, stride: int):

@@ -19,14 +19,24 @@ import functools
 import logging
 import re
 import string
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)
 V1_KEYS = ("exact_match", "f1")
-V2_KEYS = ("exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1", "NoAns_total")
+V2_KEYS = (
+    "exact",
+    "f1",
+    "total",
+    "HasAns_exact",
+    "HasAns_f1",
+    "HasAns_total",
+    "NoAns_exact",
+    "NoAns_f1",
+    "NoAns_total",
+)
 
 
 def normalize_answer(text: str) -> str:
@@ -106,7 +116,7 @@ def local_squad_scores(predictions: Sequence[Mapping], references: Sequence[Mapp
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _evaluate_metric(name: str):
     """`evaluate.load(name)`, or None where it does not load; tried once per process (the Hub look-up is slow)."""
     try:
@@ -114,7 +124,12 @@ def _evaluate_metric(name: str):
 
         return evaluate.load(name)
     except Exception as err:  # no Hub and no cache: FileNotFoundError, ConnectionError, OSError, ...
-        logger.warning("evaluate.load(%r) is not available (%s: %s); computing SQuAD's scores locally.", name, type(err).__name__, err)
+        logger.warning(
+            "evaluate.load(%r) is not available (%s: %s); computing SQuAD's scores locally.",
+            name,
+            type(err).__name__,
+            err,
+        )
         return None
 
 
@@ -129,10 +144,20 @@ def squad_scores(
     if metric is None:
         return local_squad_scores(predictions, references, version_2)
     preds = [
-        {"id": p["id"], "prediction_text": p["prediction_text"], **({"no_answer_probability": 0.0} if version_2 else {})}
+        {
+            "id": p["id"],
+            "prediction_text": p["prediction_text"],
+            **({"no_answer_probability": 0.0} if version_2 else {}),
+        }
         for p in predictions
     ]
-    refs = [{"id": r["id"], "answers": {"text": list(r["answers"]["text"]), "answer_start": list(r["answers"]["answer_start"])}} for r in references]
+    refs = [
+        {
+            "id": r["id"],
+            "answers": {"text": list(r["answers"]["text"]), "answer_start": list(r["answers"]["answer_start"])},
+        }
+        for r in references
+    ]
     scores = metric.compute(predictions=preds, references=refs)
     keys = V2_KEYS if version_2 else V1_KEYS
     return {k: scores[k] for k in keys if k in scores}

@@ -4,7 +4,7 @@ statistics of the whole (distributed) run; `compute()` turns them into a `Routin
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ class _GroupCounts:
             self.both = torch.cat([self.both, self.both.new_zeros(extra, self.both.shape[1])])
             self.tag_count = torch.cat([self.tag_count, self.tag_count.new_zeros(extra)])
 
-    def add(self, other: "_GroupCounts") -> None:
+    def add(self, other: _GroupCounts) -> None:
         self.grow(other.both.shape[0])
         other.grow(self.both.shape[0])
         self.both += other.both.to(self.both.device)
@@ -49,8 +49,8 @@ class RoutingStatsAccumulator:
 
     def __init__(
         self,
-        tags_per_group: Union[int, Sequence[int], None] = None,
-        tag_names: Optional[Sequence[str]] = None,
+        tags_per_group: int | Sequence[int] | None = None,
+        tag_names: Sequence[str] | None = None,
         keep_decisions: bool = False,
     ):
         self.tags_per_group = tags_per_group
@@ -61,13 +61,13 @@ class RoutingStatsAccumulator:
     def reset(self) -> None:
         self.examples = 0
         self.blocks: dict[str, dict] = {}
-        self.groups: Optional[list[_GroupCounts]] = None
-        self.subnetwork_labels: Optional[list[str]] = None
-        self.fixed_sizes: Optional[list[int]] = None
+        self.groups: list[_GroupCounts] | None = None
+        self.subnetwork_labels: list[str] | None = None
+        self.fixed_sizes: list[int] | None = None
         self.loss_sums: dict[str, float] = {}
         self.loss_steps = 0
         self.decisions: dict[str, list[torch.Tensor]] = {}
-        self.flips: Optional[tuple[int, int]] = None
+        self.flips: tuple[int, int] | None = None
         self._pending_losses: list[dict[str, torch.Tensor]] = []
 
     @property
@@ -78,9 +78,9 @@ class RoutingStatsAccumulator:
     def update(
         self,
         routing: Routing,
-        tags: Optional[torch.Tensor] = None,
-        losses: Optional[dict] = None,
-        examples: Optional[int] = None,
+        tags: torch.Tensor | None = None,
+        losses: dict | None = None,
+        examples: int | None = None,
     ) -> None:
         """Add one forward's decisions ({block: RoutingDecision}), optionally its tags ((B,) or (B, G)) and its
         weighted auxiliary losses ({name: scalar tensor}). Decisions may also be routing rows (R, k), e.g. the
@@ -179,8 +179,12 @@ class RoutingStatsAccumulator:
         self._flush_losses()
         return {
             "examples": self.examples,
-            "blocks": {n: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in b.items()} for n, b in self.blocks.items()},
-            "groups": None if self.groups is None else [(g.both.cpu(), g.tag_count.cpu(), g.known_active.cpu()) for g in self.groups],
+            "blocks": {
+                n: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in b.items()} for n, b in self.blocks.items()
+            },
+            "groups": None
+            if self.groups is None
+            else [(g.both.cpu(), g.tag_count.cpu(), g.known_active.cpu()) for g in self.groups],
             "subnetwork_labels": self.subnetwork_labels,
             "loss_sums": dict(self.loss_sums),
             "loss_steps": self.loss_steps,
@@ -227,8 +231,13 @@ class RoutingStatsAccumulator:
             self.flips = (f + s["flips"][0], r + s["flips"][1])
 
     # ----- result ------------------------------------------------------------------------------------
-    def compute(self, split: str, global_step: Optional[int] = None, model: Optional[nn.Module] = None,
-                adapter_name: Optional[str] = None) -> RoutingStats:
+    def compute(
+        self,
+        split: str,
+        global_step: int | None = None,
+        model: nn.Module | None = None,
+        adapter_name: str | None = None,
+    ) -> RoutingStats:
         """The statistics so far. With `model`, each block also names its router."""
         self._flush_losses()
         info = block_info(model, adapter_name) if model is not None else {}
@@ -248,9 +257,7 @@ class RoutingStatsAccumulator:
         if self.groups is not None and self.examples:
             both = torch.cat([g.both.cpu() for g in self.groups])
             tag_count = torch.cat([g.tag_count.cpu() for g in self.groups])
-            active_count = torch.cat(
-                [g.known_active.cpu().expand(g.both.shape[0], -1) for g in self.groups]
-            )
+            active_count = torch.cat([g.known_active.cpu().expand(g.both.shape[0], -1) for g in self.groups])
             alignment = metrics.alignment_from_counts(both, tag_count, active_count)
             if alignment.numel():
                 stats.focus, stats.cover = metrics.focus_cover_scores(alignment)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,11 +17,11 @@ from .store import set_routing_stats
 def compute_routing_stats(
     model: nn.Module,
     dataloader,
-    tags_per_group: Union[int, Sequence[int], None] = None,
-    tag_names: Optional[Sequence[str]] = None,
-    adapter_name: Optional[str] = None,
+    tags_per_group: int | Sequence[int] | None = None,
+    tag_names: Sequence[str] | None = None,
+    adapter_name: str | None = None,
     split: str = "eval",
-    max_batches: Optional[int] = None,
+    max_batches: int | None = None,
     store: bool = True,
 ) -> RoutingStats:
     """Run the model in eval mode over `dataloader` (batches of model kwargs, with `routing_tags` for

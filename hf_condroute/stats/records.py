@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
 
 import torch
 
@@ -18,15 +18,15 @@ class BlockStats:
     num_experts: int
     counts: list[float]  # assignments per expert; top-k routing counts each row k times
     rows: int  # routed rows (padding excluded)
-    probs_entropy: Optional[float] = None  # mean normalised entropy of the router's distribution per row
+    probs_entropy: float | None = None  # mean normalised entropy of the router's distribution per row
     top_k: int = 1
-    router: Optional[str] = None
-    learned: Optional[bool] = None
-    granularity: Optional[str] = None
-    dropped: Optional[float] = None  # assignments over capacity (`expert_capacity_factor`); None: no capacity limit
+    router: str | None = None
+    learned: bool | None = None
+    granularity: str | None = None
+    dropped: float | None = None  # assignments over capacity (`expert_capacity_factor`); None: no capacity limit
 
     @property
-    def dropped_fraction(self) -> Optional[float]:
+    def dropped_fraction(self) -> float | None:
         """Share of the router's assignments dropped for being over capacity (`counts` are those that ran)."""
         if self.dropped is None:
             return None
@@ -71,7 +71,7 @@ class BlockStats:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BlockStats":
+    def from_dict(cls, d: dict) -> BlockStats:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -82,14 +82,14 @@ class RoutingStats:
     split: str
     examples: int
     blocks: dict[str, BlockStats]
-    global_step: Optional[int] = None
-    focus: Optional[float] = None
-    cover: Optional[float] = None
-    alignment: Optional[list[list[float]]] = None  # (tags, subnetworks) F1 matrix
-    tag_labels: Optional[list[str]] = None
-    subnetwork_labels: Optional[list[str]] = None
-    tag_counts: Optional[list[float]] = None  # examples with each tag
-    flip_rate: Optional[float] = None  # against the previous evaluation of the same examples
+    global_step: int | None = None
+    focus: float | None = None
+    cover: float | None = None
+    alignment: list[list[float]] | None = None  # (tags, subnetworks) F1 matrix
+    tag_labels: list[str] | None = None
+    subnetwork_labels: list[str] | None = None
+    tag_counts: list[float] | None = None  # examples with each tag
+    flip_rate: float | None = None  # against the previous evaluation of the same examples
     aux_losses: dict[str, float] = field(default_factory=dict)  # mean weighted auxiliary losses per step
 
     def summary(self) -> dict[str, float]:
@@ -128,13 +128,13 @@ class RoutingStats:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RoutingStats":
+    def from_dict(cls, d: dict) -> RoutingStats:
         kwargs = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         kwargs["blocks"] = {name: BlockStats.from_dict(b) for name, b in d.get("blocks", {}).items()}
         return cls(**kwargs)
 
 
-def tag_labels(tags_per_group: Sequence[int], tag_names: Optional[Sequence[str]] = None) -> list[str]:
+def tag_labels(tags_per_group: Sequence[int], tag_names: Sequence[str] | None = None) -> list[str]:
     """Column names of the tag matrix: `tag_names` when given, "t" for one group, "g:t" for several."""
     total = sum(tags_per_group)
     if tag_names is not None:

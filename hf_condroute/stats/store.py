@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import nn
 
 from ..api import _active_adapter, _state, block_name
@@ -13,7 +11,7 @@ from .records import RoutingStats
 _STATS_ATTR = "_condroute_routing_stats"
 
 
-def routed_blocks(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, RoutedBlock]:
+def routed_blocks(model: nn.Module, adapter_name: str | None = None) -> dict[str, RoutedBlock]:
     """{block name: RoutedBlock} of the active (or named) adapter."""
     adapter = _active_adapter(model, adapter_name)
     out = {}
@@ -25,7 +23,7 @@ def routed_blocks(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
     return out
 
 
-def block_info(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, dict]:
+def block_info(model: nn.Module, adapter_name: str | None = None) -> dict[str, dict]:
     return {
         name: {"router": b.router.name, "learned": b.router.learned, "granularity": b.granularity}
         for name, b in routed_blocks(model, adapter_name).items()
@@ -36,13 +34,13 @@ def _home(model: nn.Module) -> dict:
     return _state(model).model.__dict__.setdefault(_STATS_ATTR, {})
 
 
-def set_routing_stats(model: nn.Module, stats: RoutingStats, adapter_name: Optional[str] = None) -> None:
+def set_routing_stats(model: nn.Module, stats: RoutingStats, adapter_name: str | None = None) -> None:
     """Keep `stats` on the model for its adapter (one per split), so `save_pretrained` writes them."""
     adapter = _active_adapter(model, adapter_name) or "default"
     _home(model).setdefault(adapter, {})[stats.split] = stats
 
 
-def get_routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, RoutingStats]:
+def get_routing_stats(model: nn.Module, adapter_name: str | None = None) -> dict[str, RoutingStats]:
     """{split: RoutingStats} kept on the model for the active (or named) adapter."""
     adapter = _active_adapter(model, adapter_name) or "default"
     return dict(_home(model).get(adapter, {}))

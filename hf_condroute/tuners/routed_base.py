@@ -4,18 +4,14 @@ do not fit the config; and, for their layers, one `RoutedBlock` per adapter."""
 
 from __future__ import annotations
 
-from typing import Optional
-
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-
 from ..block import RoutedBlock
+from ..context import ModelRoutingState, warn_if_causal_example_routing
 from ..experts import ExpertBank
 from ..quantized import check_quantized_modules_to_save
 from ..routers import Router
-
-from ..context import ModelRoutingState, warn_if_causal_example_routing
 from .shapes import check_adapter_shapes
 
 
@@ -24,7 +20,7 @@ class RefusesMerge:
 
     merge_refused: str = "Routed layers cannot be merged into the base weights."
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(self.merge_refused)
 
     def unmerge(self) -> None:
@@ -109,4 +105,3 @@ class RoutedTunerLayer(RefusesMerge, BaseTunerLayer):
         self.blocks[adapter_name] = block
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
-

@@ -3,4 +3,11 @@ from .conv import FeatureMap
 from .layer import Linear, RoutedAdapterLayer
 from .model import RoutedAdapterModel
 
-__all__ = ["ROUTED_ADAPTER_TARGET_MODULES", "FeatureMap", "Linear", "RoutedAdapterConfig", "RoutedAdapterLayer", "RoutedAdapterModel"]
+__all__ = [
+    "ROUTED_ADAPTER_TARGET_MODULES",
+    "FeatureMap",
+    "Linear",
+    "RoutedAdapterConfig",
+    "RoutedAdapterLayer",
+    "RoutedAdapterModel",
+]

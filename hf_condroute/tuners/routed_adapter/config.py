@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -36,10 +35,14 @@ class RoutedAdapterConfig(RoutingConfig, PeftConfig):
 
     adapter_dim: int = field(default=64, metadata={"check": Integer(1), "help": "Bottleneck size of each adapter."})
     adapter_activation: str = field(
-        default="relu", metadata={"check": Choice(values=tuple(ACTIVATIONS), label="activation"), "help": "relu, gelu, silu, tanh or identity."}
+        default="relu",
+        metadata={
+            "check": Choice(values=tuple(ACTIVATIONS), label="activation"),
+            "help": "relu, gelu, silu, tanh or identity.",
+        },
     )
     init_weights: bool = field(default=True, metadata={"check": Flag(), "help": "Zero-initialise the up projections."})
-    feature_channels: Optional[int] = field(
+    feature_channels: int | None = field(
         default=None,
         metadata={
             "check": Integer(1, optional=True),
@@ -47,7 +50,7 @@ class RoutedAdapterConfig(RoutingConfig, PeftConfig):
             "`out_channels`, else that of the last nn.Conv2d inside it.",
         },
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Names (suffixes) or a regex of the modules whose outputs get routed adapters: nn.Linear "
@@ -55,8 +58,8 @@ class RoutedAdapterConfig(RoutingConfig, PeftConfig):
             "the architecture default."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to leave out."})
-    modules_to_save: Optional[list[str]] = field(
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to leave out."})
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules to train and save, e.g. a classifier head or layer norms."}
     )
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
 from ...experts import AdapterBank
 from ...routers import build_router

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTunerLayer
-
+from ...architectures import ROUTED_ADAPTER_TARGET_MODULES
 from ...context import ModelRoutingState
 from ..routed_base import RoutedTunerModel
-from ...architectures import ROUTED_ADAPTER_TARGET_MODULES
 from .conv import FeatureMap, check_conv_granularity, output_channels
 from .layer import Linear, RoutedAdapterLayer
 

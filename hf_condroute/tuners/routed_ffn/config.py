@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 from peft.config import PeftConfig
@@ -48,43 +48,69 @@ class RoutedFFNConfig(RoutingConfig, PeftConfig):
     """
 
     num_experts: int = field(default=4, metadata={"check": Integer(1), "help": "Experts per FFN (MoEBERT: 4)."})
-    top_k: int = field(default=2, metadata={"check": Integer(1), "help": "Experts each token (or example) runs through."})
+    top_k: int = field(
+        default=2, metadata={"check": Integer(1), "help": "Experts each token (or example) runs through."}
+    )
     routing_granularity: Literal["example", "token"] = field(
-        default="token", metadata={"check": Choice(values=("example", "token")), "help": "`token` (default): one decision per token. `example`: one per sequence."}
+        default="token",
+        metadata={
+            "check": Choice(values=("example", "token")),
+            "help": "`token` (default): one decision per token. `example`: one per sequence.",
+        },
     )
     norm_topk_prob: bool = field(
-        default=True, metadata={"check": Flag(), "help": "Top-k weights sum to 1 (paper B's Top-k: softmax over the top-k logits)."}
+        default=True,
+        metadata={"check": Flag(), "help": "Top-k weights sum to 1 (paper B's Top-k: softmax over the top-k logits)."},
     )
-    expert_dim: Optional[int] = field(
+    expert_dim: int | None = field(
         default=None,
-        metadata={"check": Integer(1, optional=True), "help": "Neurons per expert; None: shared_neurons + (ffn_dim - shared_neurons) // num_experts."},
+        metadata={
+            "check": Integer(1, optional=True),
+            "help": "Neurons per expert; None: shared_neurons + (ffn_dim - shared_neurons) // num_experts.",
+        },
     )
-    shared_neurons: int = field(default=0, metadata={"check": Integer(0), "help": "The most important neurons, shared by every expert."})
-    importance: Optional[Any] = field(
+    shared_neurons: int = field(
+        default=0, metadata={"check": Integer(0), "help": "The most important neurons, shared by every expert."}
+    )
+    importance: Any | None = field(
         default=None,
         repr=False,
         metadata={"help": "Neuron importance per FFN (`importance_scores`); used at conversion, not saved."},
     )
     init_weights: bool = field(
         default=True,
-        metadata={"check": Flag(), "help": "Build experts from the dense FFN by `importance`; False: index order (loading)."},
+        metadata={
+            "check": Flag(),
+            "help": "Build experts from the dense FFN by `importance`; False: index order (loading).",
+        },
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Modules each FFN's input enters (replaced by the routed FFN); None: architecture default."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to leave out."})
-    ffn_in_proj: Optional[list[str]] = field(
-        default=None, metadata={"check": Text(many=True, optional=True), "help": "Input projection path(s) from the FFN's parent; [gate, up] when gated."}
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to leave out."})
+    ffn_in_proj: list[str] | None = field(
+        default=None,
+        metadata={
+            "check": Text(many=True, optional=True),
+            "help": "Input projection path(s) from the FFN's parent; [gate, up] when gated.",
+        },
     )
-    ffn_out_proj: Optional[str] = field(default=None, metadata={"check": Text(optional=True), "help": "Output projection path from the FFN's parent."})
-    ffn_activation: Optional[str] = field(
-        default=None, metadata={"check": Text(optional=True), "help": "Activation module path from the FFN's parent, or a transformers ACT2FN name."}
+    ffn_out_proj: str | None = field(
+        default=None, metadata={"check": Text(optional=True), "help": "Output projection path from the FFN's parent."}
     )
-    ffn_dropout: Optional[str] = field(
-        default=None, metadata={"check": Text(optional=True), "help": "Path of the dropout on the FFN's activations, if any."}
+    ffn_activation: str | None = field(
+        default=None,
+        metadata={
+            "check": Text(optional=True),
+            "help": "Activation module path from the FFN's parent, or a transformers ACT2FN name.",
+        },
     )
-    modules_to_save: Optional[list[str]] = field(
+    ffn_dropout: str | None = field(
+        default=None,
+        metadata={"check": Text(optional=True), "help": "Path of the dropout on the FFN's activations, if any."},
+    )
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules to train and save, e.g. a classifier head."}
     )
 

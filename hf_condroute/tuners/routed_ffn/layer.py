@@ -3,12 +3,11 @@ projection lies outside that module (BERT's `output.dense`), a pass-through in i
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
 from ...block import RoutedBlock
 from ...moebert.bank import FFNSliceBank
@@ -34,7 +33,7 @@ class RoutedFFNLayer(RoutedTunerLayer):
         router = build_router(config, router_in, self.block_name)
         self._add_block(adapter_name, router, FFNSliceBank.from_ffn(parts, neuron_index), config.routing_granularity)
 
-    def active_block(self) -> Optional[RoutedBlock]:
+    def active_block(self) -> RoutedBlock | None:
         """The block of the active adapter, or None when adapters are disabled or none of this layer's is active."""
         if self.disable_adapters:
             return None
@@ -50,7 +49,9 @@ class RoutedFFNLayer(RoutedTunerLayer):
 class RoutedFFN(nn.Module, RoutedFFNLayer):
     """Replaces an FFN's entry module; its output is the whole routed FFN's output when an adapter is active."""
 
-    def __init__(self, base_layer, adapter_name, config, parts, neuron_index, block_name, side, routing_state, router_in):
+    def __init__(
+        self, base_layer, adapter_name, config, parts, neuron_index, block_name, side, routing_state, router_in
+    ):
         super().__init__()
         RoutedFFNLayer.__init__(self, base_layer, block_name, side, routing_state)
         self._active_adapter = adapter_name

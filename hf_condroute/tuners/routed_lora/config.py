@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -44,39 +44,57 @@ class RoutedLoraConfig(RoutingConfig, PeftConfig):
     """
 
     r: int = field(default=8, metadata={"check": Integer(1), "help": "LoRA rank of every expert."})
-    lora_alpha: float = field(default=8, metadata={"check": Real(0, low_open=True), "help": "LoRA alpha: scaling alpha / r."})
+    lora_alpha: float = field(
+        default=8, metadata={"check": Real(0, low_open=True), "help": "LoRA alpha: scaling alpha / r."}
+    )
     lora_dropout: float = field(
-        default=0.0, metadata={"check": Real(0, high=1, high_open=True), "help": "Dropout on the Linear's input before the experts."}
+        default=0.0,
+        metadata={
+            "check": Real(0, high=1, high_open=True),
+            "help": "Dropout on the Linear's input before the experts.",
+        },
     )
-    init_lora_weights: Union[bool, str] = field(
+    init_lora_weights: bool | str = field(
         default=True,
-        metadata={"check": Choice(values=(True, False, "gaussian")), "help": "True, 'gaussian' (B zeros) or False (B random)."},
+        metadata={
+            "check": Choice(values=(True, False, "gaussian")),
+            "help": "True, 'gaussian' (B zeros) or False (B random).",
+        },
     )
-    num_experts: Optional[int] = field(
+    num_experts: int | None = field(
         default=None,
-        metadata={"check": Integer(1, optional=True), "help": "LoRA experts per target; None: len(lora_experts), else 8."},
+        metadata={
+            "check": Integer(1, optional=True),
+            "help": "LoRA experts per target; None: len(lora_experts), else 8.",
+        },
     )
-    routing_granularity: Optional[Literal["example", "token"]] = field(
+    routing_granularity: Literal["example", "token"] | None = field(
         default=None,
         metadata={
             "check": Choice(values=("example", "token"), optional=True),
             "help": "`token`: one decision per token; `example`: one per example. None: token for causal LMs.",
         },
     )
-    router_sharing: Optional[str] = field(
+    router_sharing: str | None = field(
         default=None,
-        metadata={"check": Text(optional=True), "help": "'layer', or a regex whose match groups targets under one router."},
+        metadata={
+            "check": Text(optional=True),
+            "help": "'layer', or a regex whose match groups targets under one router.",
+        },
     )
-    lora_experts: Optional[list[str]] = field(
+    lora_experts: list[str] | None = field(
         default=None,
-        metadata={"check": Text(many=True, optional=True), "help": "PEFT LoRA checkpoints to start the experts from (not saved)."},
+        metadata={
+            "check": Text(many=True, optional=True),
+            "help": "PEFT LoRA checkpoints to start the experts from (not saved).",
+        },
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Names (suffixes), a regex or 'all-linear' of the nn.Linear modules; None: LoRA's default."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to leave out."})
-    modules_to_save: Optional[list[str]] = field(
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to leave out."})
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules to train and save, e.g. a classifier head."}
     )
 

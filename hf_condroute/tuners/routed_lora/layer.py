@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,8 +39,8 @@ class RoutedLoraLayer(RoutedTunerLayer):
         adapter_name: str,
         config: RoutedLoraConfig,
         router_in_features: int,
-        shares: Optional[DecisionHolder] = None,
-        owner: Optional["RoutedLoraLayer"] = None,
+        shares: DecisionHolder | None = None,
+        owner: RoutedLoraLayer | None = None,
     ) -> None:
         """Add the adapter's block; with `shares`, its router is the one of `owner` (router_sharing)."""
         if owner is None:

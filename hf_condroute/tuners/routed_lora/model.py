@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
-
-from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
 
 from ...architectures import is_causal_lm, reads_encoder_output
 from ...context import ModelRoutingState
@@ -38,7 +36,7 @@ class RoutedLoraModel(RoutedTunerModel):
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
         # every source LoRA is read and checked before the first module is replaced
         self._groups: dict[str, tuple[DecisionHolder, RoutedLoraLayer]] = {}
-        self._sources: Optional[list[SourceLora]] = None
+        self._sources: list[SourceLora] | None = None
         if peft_config.lora_experts:
             if issubclass(router_class(peft_config.router), MonolithicRouter) and len(peft_config.lora_experts) > 1:
                 raise ValueError(

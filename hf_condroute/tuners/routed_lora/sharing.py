@@ -8,7 +8,6 @@ records the decision under its own name, so `get_routing` lists each of them."""
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from ...routers import Router
 from ...routers.base import RoutingDecision
@@ -17,7 +16,7 @@ from .config import LAYER_SHARING
 _LAST_INDEX = re.compile(r"^(.*\.\d+)\.")
 
 
-def sharing_group(module_name: str, sharing: Optional[str]) -> Optional[str]:
+def sharing_group(module_name: str, sharing: str | None) -> str | None:
     """The group of a target under `router_sharing`, or None when it keeps a router of its own."""
     if sharing is None:
         return None
@@ -34,8 +33,8 @@ class DecisionHolder:
 
     def __init__(self, owner: str):
         self.owner = owner
-        self.step: Optional[int] = None
-        self.decision: Optional[RoutingDecision] = None
+        self.step: int | None = None
+        self.decision: RoutingDecision | None = None
 
     def capture(self, module, args, kwargs, output: RoutingDecision) -> None:
         self.step = kwargs.get("step")
@@ -53,7 +52,7 @@ class SharedRouter(Router):
         super().__init__(owner.in_features, owner.num_experts, owner.config, block_name)
         self.__dict__["holder"] = holder  # plain reference: nothing of the owner is saved twice
 
-    def forward(self, x, tags=None, keys=None, step: Optional[int] = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
         holder = self.holder
         decision = holder.decision
         if decision is None or holder.step != step:

@@ -24,7 +24,9 @@ class SourceLora:
     index: int
     path: str
     scaling: float
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module: (A (r, in), B (out, r))
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )  # module: (A (r, in), B (out, r))
 
     @property
     def label(self) -> str:
