@@ -83,9 +83,10 @@ def pair_loader(tokenizer, paragraphs, batch_size: int, max_length: int) -> Data
 
     def collate(rows):
         anchors, positives = zip(*rows)
-        encode = lambda texts: tokenizer(
-            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )  # noqa: E731
+
+        def encode(texts):
+            return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
         return {"anchor": dict(encode(anchors)), "positive": dict(encode(positives))}
 
     return DataLoader(pairs, batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -169,7 +170,8 @@ def run(args) -> dict:
                 "router": router, "expert_dim": expert_dim, "shared_neurons": shared,
                 "active_ffn_share": round(min(1.0, (shared + 2 * (expert_dim - shared)) / 1536), 3),
                 "before": row(before), "after": row(after), "train_seconds": round(seconds, 1),
-                "per_layer_before": before["relative_error_per_layer"], "per_layer_after": after["relative_error_per_layer"],
+                "per_layer_before": before["relative_error_per_layer"],
+                "per_layer_after": after["relative_error_per_layer"],
             }  # fmt: skip
             results["runs"].append(entry)
             print(json.dumps(entry), flush=True)
@@ -179,10 +181,11 @@ def run(args) -> dict:
 def markdown(results: dict) -> str:
     lines = [
         f"MiniLM-L6 (1536-neuron FFNs), 4 experts, k = 2, per-token routing; {results['text']}; "
-        f"distillation: {results['steps']} steps, batch {results['batch_size']}, lr {results['learning_rate']}.",
+        f"distillation: {results['steps']} steps, batch {results['batch_size']}, "
+        f"lr {results['learning_rate']}.",
         "",
-        "| router | expert_dim / shared | FFN neurons per token | rel. error before | after | last layer before | after "
-        "| sentence cosine before | after |",
+        "| router | expert_dim / shared | FFN neurons per token | rel. error before | after "
+        "| last layer before | after | sentence cosine before | after |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:

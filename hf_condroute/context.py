@@ -55,7 +55,8 @@ def _cache_in_use(kwargs: dict) -> bool:
 
 
 def warn_if_causal_example_routing(model: nn.Module, config) -> None:
-    """Per-example routing pools over the whole sequence: in a causal LM that includes tokens a position must not see."""
+    """Per-example routing pools over the whole sequence: in a causal LM that includes tokens a position must not
+    see."""
     if is_causal_lm(model) and getattr(config, "routing_granularity", "token") == "example":
         warnings.warn(
             f"{type(model).__name__} is a causal language model, but routing_granularity='example' routes every "

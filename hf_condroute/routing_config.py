@@ -53,10 +53,10 @@ class RoutingConfig:
         default=False,
         metadata={
             "check": Flag(),
-            "help": "Top-k family (`top_k`, `v_moe`, `smoe`, `x_moe`): renormalise the k chosen probabilities to sum to "
-            "1, i.e. softmax over the top-k logits (paper B's Top-k, Shazeer et al. 2017; transformers' name). False "
-            "keeps them as they are (Switch, V-MoE). No effect with top_k=1, where the probability itself must scale "
-            "the expert for the router to learn.",
+            "help": "Top-k family (`top_k`, `v_moe`, `smoe`, `x_moe`): renormalise the k chosen probabilities to sum "
+            "to 1, i.e. softmax over the top-k logits (paper B's Top-k, Shazeer et al. 2017; transformers' name). "
+            "False keeps them as they are (Switch, V-MoE). No effect with top_k=1, where the probability itself must "
+            "scale the expert for the router to learn.",
         },
     )
     router_jitter_noise: float | None = field(
@@ -155,8 +155,8 @@ class RoutingConfig:
         default=1.0,
         metadata={
             "check": Real(0, low_open=True),
-            "help": "DSelect-k: width gamma of the smooth-step on each selector bit (Hazimeh et al. 2021; their default "
-            "1). A bit outside (-gamma/2, gamma/2) is saturated: exactly 0 or 1, with no gradient.",
+            "help": "DSelect-k: width gamma of the smooth-step on each selector bit (Hazimeh et al. 2021; their "
+            "default 1). A bit outside (-gamma/2, gamma/2) is saturated: exactly 0 or 1, with no gradient.",
         },
     )
     dselect_entropy_coef: float = field(
@@ -255,9 +255,9 @@ class RoutingConfig:
             ):
                 if value != default:
                     raise ValueError(
-                        f"Router {self.router!r} is a gate without softmax logits (its weights come from smooth-steps), "
-                        f"so {name}={value} has nothing to act on. Set {name}={default}; its sparsity is steered by "
-                        "its gamma and entropy coefficient."
+                        f"Router {self.router!r} is a gate without softmax logits (its weights come from "
+                        f"smooth-steps), so {name}={value} has nothing to act on. Set {name}={default}; its sparsity "
+                        "is steered by its gamma and entropy coefficient."
                     )
         if self.expert_capacity_factor is not None and not capacity_applies(cls):
             raise ValueError(

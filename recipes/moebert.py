@@ -82,7 +82,8 @@ class MoEBERTArguments:
     data_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Folder with one `save_to_disk` DatasetDict per task (SQuAD: or the DatasetDict itself); default: the Hub."
+            "help": "Folder with one `save_to_disk` DatasetDict per task (SQuAD: or the DatasetDict itself); "
+            "default: the Hub."
         },
     )
     router: str = field(
@@ -171,8 +172,8 @@ def check_arguments(args: MoEBERTArguments) -> None:
         get_squad_version(args.task)
         if args.doc_stride >= args.max_seq_length:
             raise ValueError(
-                f"--doc_stride {args.doc_stride} must be smaller than --max_seq_length {args.max_seq_length}: it is how "
-                "many tokens neighbouring windows of a long context share."
+                f"--doc_stride {args.doc_stride} must be smaller than --max_seq_length {args.max_seq_length}: it is "
+                "how many tokens neighbouring windows of a long context share."
             )
         if args.n_best_size < 1 or args.max_answer_length < 1:
             raise ValueError(

@@ -45,7 +45,8 @@ def assets(tmp_path_factory):
 def flags(assets, output_dir, routing="tag", steps=3, batch=4, *extra, tasks=SOME_TASKS, eval_batch=8) -> list[str]:
     data_dir, model_dir = assets
     return [
-        "--model_name_or_path", model_dir, "--data_dir", data_dir, "--routing", routing, "--output_dir", str(output_dir),
+        "--model_name_or_path", model_dir, "--data_dir", data_dir, "--routing", routing,
+        "--output_dir", str(output_dir),
         "--tasks", *tasks, "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
         "--per_device_eval_batch_size", str(eval_batch),
         "--warmup_steps", "0", "--learning_rate", "1e-2", "--logging_steps", "1", "--save_strategy", "no",

@@ -209,10 +209,11 @@ def test_routed_ffn_slices_the_dequantized_ffn(base_dirs, quant, device):
     strict=True,
     raises=(RuntimeError, AssertionError),
     reason=(
-        "bitsandbytes 0.50 on a CPU with AVX512-BF16: a 4-bit layer's first forward in eval mode without gradients repacks "
-        "its weight for the CPU inference kernel for good; later training forwards go through that kernel, which has no "
-        "backward: 'a view of a leaf Variable that requires grad is being used in an in-place operation' with a bias, "
-        "silently no input gradient without one. Train before evaluating under no_grad, or reload the base."
+        "bitsandbytes 0.50 on a CPU with AVX512-BF16: a 4-bit layer's first forward in eval mode without gradients "
+        "repacks its weight for the CPU inference kernel for good; later training forwards go through that kernel, "
+        "which has no backward: 'a view of a leaf Variable that requires grad is being used in an in-place "
+        "operation' with a bias, silently no input gradient without one. Train before evaluating under no_grad, or "
+        "reload the base."
     ),
 )
 def test_training_after_cpu_inference_on_a_4bit_base(base_dirs):
@@ -318,7 +319,9 @@ def test_adapter_alone_saved_and_loaded_into_a_fresh_quantized_base(base_dirs, t
         bases = {base_dirs!r}
         for name, data in expected.items():
             kind, quant, _ = name.split("-")
-            model = PeftModel.from_pretrained(load_quantized(bases[kind], kind, quant, {device!r}), {str(tmp_path)!r} + "/" + name)
+            model = PeftModel.from_pretrained(
+                load_quantized(bases[kind], kind, quant, {device!r}), {str(tmp_path)!r} + "/" + name
+            )
             model.eval()
             with torch.no_grad():
                 got = model(**{{k: v.to({device!r}) for k, v in data["batch"].items()}}).logits.cpu()

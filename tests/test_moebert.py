@@ -109,7 +109,8 @@ def test_default_expert_dim_on_a_small_ffn_names_the_ffn_size():
     config = RoutedFFNConfig(num_experts=4, shared_neurons=512, init_weights=False)
     with pytest.raises(
         ValueError,
-        match=rf"shared_neurons=512 is larger than the FFN of bert.encoder.layer.0.intermediate, which has {FFN} neurons",
+        match=rf"shared_neurons=512 is larger than the FFN of bert.encoder.layer.0.intermediate, "
+        rf"which has {FFN} neurons",
     ):
         get_peft_model(model, config)
 

@@ -1,7 +1,8 @@
 """Every ```python block of the README runs as written, on tiny local models.
 
 Each block runs in a fresh namespace holding only the stand-ins the README names around it (`t5`, `batch`, `tags`,
-`model`, `dataloader`, `args`, `ds`, `path`, `trainer`, `llama`, `another_llama`, `lora_a`, `lora_b`), so a missing import or a wrong argument fails here."""
+`model`, `dataloader`, `args`, `ds`, `path`, `trainer`, `llama`, `another_llama`, `lora_a`, `lora_b`), so a missing
+import or a wrong argument fails here."""
 
 from __future__ import annotations
 

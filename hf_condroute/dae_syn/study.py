@@ -39,7 +39,8 @@ class Row:
     def __post_init__(self):
         if self.router not in HEURISTIC_ROUTERS + LEARNED_ROUTERS:
             raise ValueError(
-                f"Unknown DAE-Syn router {self.router!r}: choose one of {', '.join(HEURISTIC_ROUTERS + LEARNED_ROUTERS)}."
+                f"Unknown DAE-Syn router {self.router!r}: "
+                f"choose one of {', '.join(HEURISTIC_ROUTERS + LEARNED_ROUTERS)}."
             )
         if (self.supervision_percent or self.subnet_init) and self.router not in LEARNED_ROUTERS:
             raise ValueError(

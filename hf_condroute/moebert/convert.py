@@ -27,8 +27,8 @@ def match_importance(importance, names: list[str], ffn_dims: list[int]) -> dict[
         scores = list(importance)
         if len(scores) != len(names):
             raise ValueError(
-                f"importance has {len(scores)} entries but the model has {len(names)} routed FFNs ({names[0]} ...). Give "
-                "one score tensor per FFN, in model order, or the dict importance_scores returns."
+                f"importance has {len(scores)} entries but the model has {len(names)} routed FFNs ({names[0]} ...). "
+                "Give one score tensor per FFN, in model order, or the dict importance_scores returns."
             )
         matched = dict(zip(names, scores))
     else:
@@ -49,8 +49,8 @@ def match_importance(importance, names: list[str], ffn_dims: list[int]) -> dict[
         t = torch.as_tensor(scores).detach().float().reshape(-1).cpu()
         if t.numel() != dim:
             raise ValueError(
-                f"importance for {name} has {t.numel()} scores but its FFN has {dim} neurons. Compute the scores on the "
-                "model you convert."
+                f"importance for {name} has {t.numel()} scores but its FFN has {dim} neurons. Compute the scores on "
+                "the model you convert."
             )
         out[name] = t
     return out

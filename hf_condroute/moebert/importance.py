@@ -148,7 +148,7 @@ def _importance_from_activations(model, ffns: dict[str, FFNParts], dataloader, l
                 batch = send_to_device(batch, device)
                 acts: dict[str, list[torch.Tensor]] = {name: [] for name in ffns}
 
-                def keep(name, t):
+                def keep(name, t, acts=acts):
                     if not t.requires_grad:  # the first FFN's input projection: nothing upstream needs a gradient
                         t.requires_grad_(True)
                     acts[name].append(t)

@@ -62,7 +62,8 @@ def check_squad_data(version: SquadVersion, data: DatasetDict, where: str) -> No
         fields = set(inner) if isinstance(inner, dict) else set()
         if not {"text", "answer_start"} <= fields:
             problems.append(
-                f"{split}: `answers` must be {{'text': [str], 'answer_start': [int]}} per row, as on the Hub; got {answers}."
+                f"{split}: `answers` must be {{'text': [str], 'answer_start': [int]}} per row, as on the Hub; "
+                f"got {answers}."
             )
     if problems:
         raise SquadDataError(f"The {version.name} data in {where} cannot be used:\n- " + "\n- ".join(problems))
@@ -72,7 +73,8 @@ def _local(version: SquadVersion, data_dir: str) -> DatasetDict:
     if not os.path.isdir(data_dir):
         raise SquadDataError(
             f"--data_dir {data_dir} is not a folder. Save the data with `load_dataset('{version.hub_dataset}')"
-            f".save_to_disk(...)` and point --data_dir there, or leave it out to load {version.hub_dataset} from the Hub."
+            f".save_to_disk(...)` and point --data_dir there, or leave it out to load {version.hub_dataset} "
+            "from the Hub."
         )
     path = (
         data_dir

@@ -120,8 +120,9 @@ class RoutingStatsAccumulator:
         tags = torch.as_tensor(tags)
         if tags.shape[0] != batch:
             raise ValueError(
-                f"routing_tags has {tags.shape[0]} rows but the routing covers {batch} examples: the tags must be those "
-                "of the routed batch (generation with beams repeats examples; compute statistics on a plain forward)."
+                f"routing_tags has {tags.shape[0]} rows but the routing covers {batch} examples: the tags must be "
+                "those of the routed batch (generation with beams repeats examples; compute statistics on a plain "
+                "forward)."
             )
         groups = 1 if tags.dim() == 1 else tags.shape[1]
         if self.fixed_sizes is None and self.tags_per_group is not None:

@@ -28,8 +28,8 @@ class RefusesMerge:
 
 
 class RoutedTunerModel(BaseTuner):
-    """Base of `RoutedAdapterModel`, `RoutedFFNModel` and `RoutedLoraModel`: subclasses implement `_create_and_replace`; merging is
-    refused with their layer class's `merge_refused`."""
+    """Base of `RoutedAdapterModel`, `RoutedFFNModel` and `RoutedLoraModel`: subclasses implement
+    `_create_and_replace`; merging is refused with their layer class's `merge_refused`."""
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         check_quantized_modules_to_save(model, getattr(config, "modules_to_save", None))

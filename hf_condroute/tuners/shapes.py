@@ -24,5 +24,6 @@ def check_adapter_shapes(model: torch.nn.Module, state_dict: dict, config) -> No
     raise ValueError(
         f"The saved adapter weights do not fit the model built from its config: {key} has shape {saved} in the "
         f"checkpoint but {built} in the model ({len(mismatched)} tensors differ). The config gives {settings}. "
-        "Load the weights with the adapter_config.json they were saved with, or fix num_experts / adapter_dim / r there."
+        "Load the weights with the adapter_config.json they were saved with, or fix num_experts / adapter_dim / r "
+        "there."
     )

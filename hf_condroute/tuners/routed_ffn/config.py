@@ -129,7 +129,8 @@ class RoutedFFNConfig(RoutingConfig, PeftConfig):
         if self.ffn_in_proj is not None:
             if not 1 <= len(self.ffn_in_proj) <= 2:
                 raise ValueError(
-                    f"ffn_in_proj names one input projection, or two ([gate, up]) for a gated FFN; got {self.ffn_in_proj}."
+                    f"ffn_in_proj names one input projection, or two ([gate, up]) for a gated FFN; "
+                    f"got {self.ffn_in_proj}."
                 )
             if self.ffn_out_proj is None or self.ffn_activation is None:
                 raise ValueError("With ffn_in_proj, also give ffn_out_proj and ffn_activation.")

@@ -41,7 +41,8 @@ class RoutedLoraModel(RoutedTunerModel):
             if issubclass(router_class(peft_config.router), MonolithicRouter) and len(peft_config.lora_experts) > 1:
                 raise ValueError(
                     f"router='monolithic' has one expert per target, but lora_experts gives "
-                    f"{len(peft_config.lora_experts)} LoRAs. Use a router that chooses among them (e.g. 'tag', 'top_k')."
+                    f"{len(peft_config.lora_experts)} LoRAs. Use a router that chooses among them "
+                    "(e.g. 'tag', 'top_k')."
                 )
             self._sources = plan_sources(peft_config, self._target_shapes(peft_config, model))
 

@@ -111,9 +111,9 @@ def plan_sources(config, targets: dict[str, tuple[int, int]]) -> list[SourceLora
             in_features, out_features = targets[module]
             if tuple(a.shape) != (config.r, in_features) or tuple(b.shape) != (out_features, config.r):
                 raise ValueError(
-                    f"{source.label} does not fit this base model: its LoRA of {module} has lora_A {tuple(a.shape)} and "
-                    f"lora_B {tuple(b.shape)}, but that layer needs ({config.r}, {in_features}) and ({out_features}, "
-                    f"{config.r}). Use LoRAs trained on this base model."
+                    f"{source.label} does not fit this base model: its LoRA of {module} has lora_A {tuple(a.shape)} "
+                    f"and lora_B {tuple(b.shape)}, but that layer needs ({config.r}, {in_features}) and "
+                    f"({out_features}, {config.r}). Use LoRAs trained on this base model."
                 )
     return sources
 
