@@ -12,7 +12,7 @@ and renders the routing part of `README.md` from `model_cards/routed_model_card.
 between two HTML comments: a later save replaces only that part, and text a user wrote around it is kept.
 
 How it hooks in: PEFT has no save hook for tuners, so `tuners.peft_patches` (run on `import hf_condroute`)
-wraps three `PeftModel` methods, each a no-op for models without routed adapters:
+wraps three `PeftModel` methods with the functions of this module, each a no-op for models without routed adapters:
 `save_pretrained` (writes the files above once PEFT has saved), `create_or_update_model_card` (Trainer's
 `create_model_card` and `push_to_hub` call it after writing their own README) and `_upload_modified_files`
 (transformers' `push_to_hub` replaces README.md with the Hub's card just before uploading: the routing section
@@ -21,8 +21,6 @@ is put back into that card).
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import math
 import os
@@ -386,51 +384,6 @@ def update_model_card(folder: str, template: str | None = None) -> str | None:
     return path
 
 
-# ----- hooks into PeftModel ------------------------------------------------------------------------------
-def _has_routing(model) -> bool:
+def has_routing(model) -> bool:
+    """Whether the PEFT model has routed adapters (the save and card hooks do nothing otherwise)."""
     return bool(_routing_adapters(model))
-
-
-def _wrap_save(original):
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        result = original(self, save_directory, *args, **kwargs)
-        if _has_routing(self):
-            bound = signature.bind(self, save_directory, *args, **kwargs)
-            bound.apply_defaults()
-            if bound.arguments["is_main_process"]:
-                save_routing_stats(self, str(save_directory), bound.arguments["selected_adapters"])
-        return result
-
-    return save_pretrained
-
-
-def _wrap_card(original):
-    @functools.wraps(original)
-    def create_or_update_model_card(self, output_dir):
-        result = original(self, output_dir)
-        if _has_routing(self):
-            update_model_card(str(output_dir))
-        return result
-
-    return create_or_update_model_card
-
-
-def _wrap_upload(original):
-    @functools.wraps(original)
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
-        if _has_routing(self):
-            update_model_card(str(working_dir))
-        return original(self, working_dir, *args, **kwargs)
-
-    return _upload_modified_files
-
-
-# PeftModel method -> its wrapper; `tuners.peft_patches.install_peft_model_hooks` applies them on import
-PEFT_MODEL_WRAPPERS = {
-    "save_pretrained": _wrap_save,
-    "create_or_update_model_card": _wrap_card,
-    "_upload_modified_files": _wrap_upload,
-}

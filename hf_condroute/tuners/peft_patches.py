@@ -5,14 +5,19 @@ against (`SUPPORTED_PEFT`; importing with another version is refused before anyt
 2. our tuners registered with `register_peft_method`, so `get_peft_model`, `PeftConfig.from_pretrained`,
    `PeftModel.from_pretrained` and `load_adapter` dispatch to them;
 3. `PeftModel.save_pretrained`, `create_or_update_model_card` and `_upload_modified_files` wrapped so routed
-   adapters carry their routing statistics, heatmaps and model card (the wrappers are `hf_condroute.hub`'s).
+   adapters carry their routing statistics, heatmaps and model card (written by `hf_condroute.hub`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import peft
 from packaging.version import Version
 from peft.utils.peft_types import PeftType
+
+from .. import hub
 
 SUPPORTED_PEFT = (Version("0.21.0"), Version("0.22.0"))
 
@@ -65,11 +70,55 @@ def register_peft_types() -> None:
         register_peft_method(name="routed_lora", config_cls=RoutedLoraConfig, model_cls=RoutedLoraModel)
 
 
+def _wrap_save(original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        result = original(self, save_directory, *args, **kwargs)
+        if hub.has_routing(self):
+            bound = signature.bind(self, save_directory, *args, **kwargs)
+            bound.apply_defaults()
+            if bound.arguments["is_main_process"]:
+                hub.save_routing_stats(self, str(save_directory), bound.arguments["selected_adapters"])
+        return result
+
+    return save_pretrained
+
+
+def _wrap_card(original):
+    @functools.wraps(original)
+    def create_or_update_model_card(self, output_dir):
+        result = original(self, output_dir)
+        if hub.has_routing(self):
+            hub.update_model_card(str(output_dir))
+        return result
+
+    return create_or_update_model_card
+
+
+def _wrap_upload(original):
+    # transformers' push_to_hub replaces README.md with the Hub's card just before uploading: put ours back in
+    @functools.wraps(original)
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        if hub.has_routing(self):
+            hub.update_model_card(str(working_dir))
+        return original(self, working_dir, *args, **kwargs)
+
+    return _upload_modified_files
+
+
+# PeftModel method -> its wrapper
+PEFT_MODEL_WRAPPERS = {
+    "save_pretrained": _wrap_save,
+    "create_or_update_model_card": _wrap_card,
+    "_upload_modified_files": _wrap_upload,
+}
+
+
 def install_peft_model_hooks() -> None:
     """Wrap PeftModel's save, card and upload methods (once) so routed adapters carry their statistics."""
     from peft import PeftModel
-
-    from ..hub import PEFT_MODEL_WRAPPERS
 
     for name, wrap in PEFT_MODEL_WRAPPERS.items():
         current = getattr(PeftModel, name)
