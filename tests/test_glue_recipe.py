@@ -238,7 +238,10 @@ def test_two_processes_tag_routing_matches_one_process(assets, tag_run, tmp_path
     one = load_file(os.path.join(tag_dir, "adapter_model.safetensors"))
     two = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
     for key in one:
-        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
+        # MKL's float32 sums depend on memory alignment, so the in-process run differs from the launched one by
+        # rounding, which Adam's g / sqrt(v) scales up on near-zero gradients (seen: 4.4e-5 on one tensor after 3
+        # steps); a wrong average or a missing expert gradient moves weights by about lr = 1e-2
+        torch.testing.assert_close(two[key], one[key], atol=2e-4, rtol=1e-3, msg=key)
     assert_ranks_in_sync(tmp_path)
 
 
