@@ -1,5 +1,5 @@
-"""The routed FFN tuner (MoEBERT): importance, the neuron split, fidelity to the dense model, save/load,
-distillation, and clear errors. Tiny random models: every test runs in about a second on a CPU."""
+"""The routed FFN tuner (MoEBERT): fidelity to the dense model, save/load, and clear errors. Tiny random models:
+every test runs in about a second on a CPU."""
 
 from __future__ import annotations
 
@@ -8,159 +8,24 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import BertForSequenceClassification, T5ForConditionalGeneration
 
 import hf_condroute
 from hf_condroute import RoutedFFNConfig
 from hf_condroute.moebert import (
-    DistillationTrainer,
     FFNSliceBank,
     assign_neurons,
-    distillation_loss,
     find_ffns,
     hidden_state_gap,
-    hidden_state_loss,
     importance_scores,
-    logit_loss,
 )
 
-from .conftest import bert_batch, make_bert, make_t5, t5_batch
-
-FFN = 16  # intermediate size of the tiny models
-
-
-def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
-    # initializer_range 0.3: an FFN that matters, so routing errors show in the hidden states
-    return make_bert(
-        seed,
-        hidden_size=8,
-        num_attention_heads=2,
-        intermediate_size=FFN,
-        initializer_range=0.3,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-
-
-def tiny_t5(gated: bool, seed: int = 0) -> T5ForConditionalGeneration:
-    return make_t5(
-        seed,
-        d_model=8,
-        d_ff=FFN,
-        d_kv=4,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=2,
-        feed_forward_proj="gated-gelu" if gated else "relu",
-    )
-
-
-def random_scores(model, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {name: torch.rand(parts.ffn_dim, generator=g) for name, parts in find_ffns(model).items()}
-
-
-# ----- the split ----------------------------------------------------------------------------------------
-
-
-def test_split_shares_the_most_important_and_deals_the_rest_round_robin():
-    importance = torch.tensor([0.5, 9.0, 0.1, 7.0, 3.0, 8.0, 0.2, 6.0, 5.0, 4.0])
-    # ranking by importance: 1, 5, 3, 7, 8, 9, 4, 0, 6, 2
-    index = assign_neurons(importance, num_experts=2, expert_dim=4, shared_neurons=2)
-    assert index.tolist() == [sorted([1, 5, 3, 8]), sorted([1, 5, 7, 9])]
-    # full coverage: shared in every expert, every other neuron in exactly one
-    index = assign_neurons(importance, num_experts=4, expert_dim=4, shared_neurons=2)
-    shared = {1, 5}
-    rest = [set(row.tolist()) - shared for row in index]
-    assert all(shared <= set(row.tolist()) for row in index)
-    assert sorted(n for r in rest for n in r) == sorted(set(range(10)) - shared)
-    assert [sorted(r) for r in rest] == [[3, 4], [0, 7], [6, 8], [2, 9]]
-    # no shared neurons: a partition of the FFN
-    index = assign_neurons(importance, num_experts=5, expert_dim=2, shared_neurons=0)
-    assert sorted(index.flatten().tolist()) == list(range(10))
-
-
-def test_split_leaves_out_the_least_important_when_experts_are_small():
-    importance = torch.arange(12, dtype=torch.float)  # neuron 11 most important
-    index = assign_neurons(importance, num_experts=3, expert_dim=3, shared_neurons=1)
-    used = set(index.flatten().tolist())
-    assert 11 in set.intersection(*(set(r.tolist()) for r in index))
-    assert used == {11, 10, 9, 8, 7, 6, 5}  # 1 shared + 3 x 2 dealt, from the top down
-
-
-def test_split_errors_name_the_problem():
-    with pytest.raises(ValueError, match="larger than the FFN"):
-        assign_neurons(torch.rand(8), 2, 9, 0)
-    with pytest.raises(ValueError, match="shared_neurons=5 is larger than expert_dim=4"):
-        assign_neurons(torch.rand(8), 2, 4, 5)
-    with pytest.raises(ValueError, match="Use expert_dim <= 4"):
-        assign_neurons(torch.rand(8), 3, 6, 2)
-
-
-def test_default_expert_dim_on_a_small_ffn_names_the_ffn_size():
-    # BERT-base's shared_neurons=512 on a 16-neuron FFN: the default expert size would be negative
-    model = tiny_bert()
-    config = RoutedFFNConfig(num_experts=4, shared_neurons=512, init_weights=False)
-    with pytest.raises(
-        ValueError,
-        match=rf"shared_neurons=512 is larger than the FFN of bert.encoder.layer.0.intermediate, "
-        rf"which has {FFN} neurons",
-    ):
-        get_peft_model(model, config)
-
-
-# ----- importance ----------------------------------------------------------------------------------------
-
-
-def test_importance_is_abs_sum_of_weight_times_gradient_per_batch():
-    model = tiny_bert()
-    batches = [bert_batch(seed=1), bert_batch(seed=2)]
-    scores = importance_scores(model, batches)
-    assert list(scores) == ["bert.encoder.layer.0.intermediate", "bert.encoder.layer.1.intermediate"]
-    expected = torch.zeros(FFN)
-    layer = model.bert.encoder.layer[1]
-    w_in, b_in, w_out = layer.intermediate.dense.weight, layer.intermediate.dense.bias, layer.output.dense.weight
-    for batch in batches:
-        model.zero_grad()
-        model(**batch).loss.backward()
-        per_neuron = (w_in * w_in.grad).sum(1) + b_in * b_in.grad + (w_out * w_out.grad).sum(0)
-        expected += per_neuron.detach().abs()
-    torch.testing.assert_close(scores["bert.encoder.layer.1.intermediate"], expected, rtol=1e-5, atol=1e-9)
-
-
-def test_importance_leaves_the_model_as_it_was():
-    model = tiny_bert()
-    model.train()
-    model.bert.embeddings.requires_grad_(False)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    importance_scores(model, [bert_batch()])
-    assert model.training and model.bert.encoder.layer[0].training
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
-
-
-def test_importance_with_own_loss_and_gated_t5():
-    model = tiny_t5(gated=True)
-    batch = t5_batch()
-
-    def loss_fn(m, b):  # e.g. an embedding objective for a model without labels
-        return m.encoder(input_ids=b["input_ids"]).last_hidden_state.pow(2).mean()
-
-    scores = importance_scores(model, [batch], loss_fn=loss_fn)
-    assert set(scores) == {"encoder.block.0.layer.1.DenseReluDense", "decoder.block.0.layer.2.DenseReluDense"}
-    assert scores["encoder.block.0.layer.1.DenseReluDense"].abs().sum() > 0
-    assert scores["decoder.block.0.layer.2.DenseReluDense"].abs().sum() == 0  # the loss never reaches the decoder
-    with pytest.raises(ValueError, match="returned no loss"):
-        importance_scores(model, [{"input_ids": batch["input_ids"], "decoder_input_ids": batch["labels"]}])
-
+from .conftest import bert_batch, t5_batch
+from .moebert_helpers import FFN, random_scores, tiny_bert, tiny_t5
 
 # ----- fidelity ------------------------------------------------------------------------------------------
 
@@ -462,133 +327,3 @@ def test_loaded_neuron_index_and_shape_mismatch(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not fit the model built from its config"):
         PeftModel.from_pretrained(tiny_bert(), tmp_path)
-
-
-# ----- distillation --------------------------------------------------------------------------------------
-
-
-def test_distillation_loss_terms_match_their_definitions():
-    from types import SimpleNamespace
-
-    g = torch.Generator().manual_seed(0)
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    s_h = [torch.randn(2, 3, 4, generator=g) for _ in range(3)]
-    t_h = [torch.randn(2, 3, 4, generator=g) for _ in range(3)]
-    s_h[0] = t_h[0]
-    student = SimpleNamespace(hidden_states=tuple(s_h), logits=torch.randn(2, 5, generator=g))
-    teacher = SimpleNamespace(hidden_states=tuple(t_h), logits=torch.randn(2, 5, generator=g))
-    expected_hidden = sum(((s - t) ** 2).mean(-1)[mask.bool()].mean() for s, t in zip(s_h[1:], t_h[1:]))
-    torch.testing.assert_close(hidden_state_loss(student, teacher, mask), expected_hidden)
-    p_t = teacher.logits.softmax(-1)
-    expected_kl = (p_t * (p_t.log() - student.logits.log_softmax(-1))).sum(-1).mean()
-    torch.testing.assert_close(logit_loss(student.logits, teacher.logits), expected_kl)
-    torch.testing.assert_close(distillation_loss(student, teacher, mask), expected_hidden + expected_kl)
-    reg_s, reg_t = torch.randn(4, 1, generator=g), torch.randn(4, 1, generator=g)
-    torch.testing.assert_close(logit_loss(reg_s, reg_t), ((reg_s - reg_t) ** 2).mean())
-
-
-def test_distillation_loss_of_an_encoder_decoder_reaches_the_experts():
-    from hf_condroute.moebert import teacher_outputs
-
-    model = tiny_t5(gated=True)
-    peft_model = get_peft_model(model, RoutedFFNConfig(num_experts=4, importance=random_scores(model))).train()
-    batch = t5_batch()
-    teacher = teacher_outputs(peft_model, batch)
-    student = peft_model(**batch, output_hidden_states=True)
-    loss = distillation_loss(student, teacher, batch["attention_mask"], labels=batch["labels"])
-    # encoder and decoder layers both count: 1 + 1 hidden-state terms, plus the per-token KL where labels are set
-    s_h, t_h = student.encoder_hidden_states[1], teacher.encoder_hidden_states[1]
-    assert loss > hidden_state_loss(student, teacher, batch["attention_mask"]) > 0
-    assert (
-        hidden_state_loss(student, teacher, batch["attention_mask"])
-        > ((s_h - t_h) ** 2).mean(-1)[batch["attention_mask"].bool()].mean()
-    )
-    loss.backward()
-    encoder_bank = (
-        peft_model.base_model.model.encoder.block[0].layer[1].DenseReluDense.routed_ffn_block["default"].experts
-    )
-    decoder_bank = (
-        peft_model.base_model.model.decoder.block[0].layer[2].DenseReluDense.routed_ffn_block["default"].experts
-    )
-    assert encoder_bank.wi_gate.grad.abs().sum() > 0 and decoder_bank.wo.grad.abs().sum() > 0
-
-
-def _trainer(peft_model, tmp_path, steps, dataset, **kwargs):
-    from transformers import TrainingArguments
-
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        learning_rate=3e-2,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1000,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        **kwargs,
-    )
-    return DistillationTrainer(model=peft_model, args=args, train_dataset=dataset, distill_coef=2.0)
-
-
-def _dataset(n=16, labels=True):
-    from datasets import Dataset
-
-    b = bert_batch(batch=n, seed=7)
-    columns = {k: v.tolist() for k, v in b.items() if labels or k != "labels"}
-    return Dataset.from_dict(columns)
-
-
-def test_distillation_trainer_brings_the_student_to_the_teacher(tmp_path):
-    model = tiny_bert()
-    batch = bert_batch(seed=99)
-    with torch.no_grad():
-        dense = model(**batch, output_hidden_states=True)
-    peft_model = get_peft_model(
-        model,
-        RoutedFFNConfig(num_experts=4, top_k=1, router="top_k", importance=random_scores(model), task_type="SEQ_CLS"),
-    )
-
-    def gap():
-        peft_model.eval()
-        with torch.no_grad():
-            out = peft_model(**batch, output_hidden_states=True)
-        return hidden_state_loss(out, dense, batch["attention_mask"]).item()
-
-    before = gap()
-    _trainer(peft_model, tmp_path, 30, _dataset(labels=False)).train()  # distillation alone
-    after = gap()
-    print("gap", before, after)
-    assert after < 0.5 * before, (before, after)
-    with torch.no_grad(), peft_model.disable_adapter():
-        assert torch.equal(peft_model(**batch).logits, dense.logits)  # the teacher did not move
-
-
-def test_teacher_forward_keeps_the_students_routing_under_checkpointing(tmp_path):
-    """The teacher runs first, so a checkpointed stochastic router recomputes with the student's routing state: the
-    gradients match those without checkpointing, and the auxiliary losses are scaled like the loss."""
-    grads = []
-    for checkpointing in (False, True):
-        model = tiny_bert(dropout=0.1)
-        peft_model = get_peft_model(
-            model,
-            RoutedFFNConfig(
-                router="moesart", top_k=2, trimmed_lasso_coef=0.1, importance=random_scores(model), task_type="SEQ_CLS"
-            ),
-        )
-        if checkpointing:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trainer = _trainer(peft_model, tmp_path, 1, _dataset(4))
-        peft_model.train()
-        inputs = {k: v for k, v in bert_batch().items()}
-        torch.manual_seed(123)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)  # "auxiliary losses were not part of the loss" would fail here
-            loss = trainer.compute_loss(peft_model, inputs)
-            assert len(hf_condroute.last_step(peft_model).records) == 2  # the student's decisions, not the teacher's
-            loss.backward()
-        grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
