@@ -4,7 +4,7 @@ subnet init, 3 seeds, one command, no downloads.
     python recipes/res_dom.py                               # the whole study on the built-in data (see README)
     python recipes/res_dom.py --quick                       # every row, 1 seed, 15 steps: a smoke test (~1.5 min)
     python recipes/res_dom.py --routing tag --routing top_k+sup10 --seeds 1 --steps 500
-    accelerate launch recipes/res_dom.py --model_name_or_path microsoft/resnet-18 --dataset <DomainNet> --image-size 224
+    python recipes/res_dom.py --model_name_or_path microsoft/resnet-18 --dataset <DomainNet> --image-size 224
 
 Rows: tag, hash, monolithic, top_k, st_gumbel, reinforce, moesart, dselect_k, smear; ROUTER+sup1/sup10/sup100
 (tag supervision on that percentage of the training images) and ROUTER+init (experts and classifier from the
@@ -42,7 +42,8 @@ Choices (each one a flag or a default in hf_condroute/res_dom/):
 - Scores on the test split: accuracy per domain and averaged over domains, Focus/Cover against the 6 domains
   over the 8 x 6 experts, and per-block load; mean ± SEM over 3 seeds (seed = model init, data order, hash
   assignment and the supervised subset; the data and backbone are the same for every seed).
-- CPU: one process, --threads torch threads (default 1: the machine this was written on has 2 shared cores).
+- CPU: one process, --threads torch threads (default 1: the machine this was written on has 2 shared cores);
+  a launch with several processes is refused (each would run every row).
 - Hub data: --dataset is an image folder laid out domain/class/*.jpg or a `datasets` id / save_to_disk folder
   with image, label and domain columns (its --test-split, else a random --test-fraction); --model_name_or_path
   is then required (a pretrained ResNet, e.g. microsoft/resnet-18); the experts number the domains.
@@ -106,6 +107,11 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            "recipes/res_dom.py trains its rows one after another in one process; launched with several processes, "
+            "each would run every row. Use `python recipes/res_dom.py` or `accelerate launch --num_processes 1`."
+        )
     if args.threads < 1 or args.pretrain_steps < 1:
         raise ValueError("--threads and --pretrain-steps must be at least 1.")
     if args.dataset is not None and args.model_name_or_path is None:
