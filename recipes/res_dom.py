@@ -76,20 +76,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--routing", action="append", metavar="NAME", help="a row to run (repeatable); default: every row")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick: 1)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps per row (default {DEFAULTS.steps}; --quick: {QUICK_STEPS})")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps per row (default {DEFAULTS.steps}; --quick: {QUICK_STEPS})",
+    )
     p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="AdamW learning rate (peak of the schedule)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     p.add_argument("--adapter-dim", type=int, default=DEFAULTS.adapters.adapter_dim)
     p.add_argument("--image-size", type=int, default=32, help="side of the images (built-in data: at least 16)")
-    p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help="built-in data: largest blend weight of another domain's style")
-    p.add_argument("--max-digits", type=int, default=None, help="built-in data: use only this many digit images (tests)")
-    p.add_argument("--pretrain-steps", type=int, default=BackboneSettings.pretrain_steps, help="built-in backbone's pretraining steps")
-    p.add_argument("--probe-steps", type=int, default=None, help=f"steps of the domain-reading ResNet (default {DEFAULTS.steps}; --quick: {QUICK_PROBE_STEPS})")
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=DEFAULT_OVERLAP,
+        help="built-in data: largest blend weight of another domain's style",
+    )
+    p.add_argument(
+        "--max-digits", type=int, default=None, help="built-in data: use only this many digit images (tests)"
+    )
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=BackboneSettings.pretrain_steps,
+        help="built-in backbone's pretraining steps",
+    )
+    p.add_argument(
+        "--probe-steps",
+        type=int,
+        default=None,
+        help=f"steps of the domain-reading ResNet (default {DEFAULTS.steps}; --quick: {QUICK_PROBE_STEPS})",
+    )
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the pretrained built-in backbone is kept")
-    p.add_argument("--model_name_or_path", default=None, help="a pretrained ResNetForImageClassification (with --dataset)")
-    p.add_argument("--dataset", default=None, help="image folder domain/class/*.jpg, or a datasets id / save_to_disk folder")
+    p.add_argument(
+        "--model_name_or_path", default=None, help="a pretrained ResNetForImageClassification (with --dataset)"
+    )
+    p.add_argument(
+        "--dataset", default=None, help="image folder domain/class/*.jpg, or a datasets id / save_to_disk folder"
+    )
     p.add_argument("--train-split", default="train")
-    p.add_argument("--test-split", default="test", help="--dataset's test split (a folder, or no such split: --test-fraction)")
+    p.add_argument(
+        "--test-split", default="test", help="--dataset's test split (a folder, or no such split: --test-fraction)"
+    )
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--image_column", default="image")
     p.add_argument("--label_column", default="label")
@@ -157,7 +185,9 @@ def main(argv=None) -> dict:
     transformers.logging.disable_progress_bar()  # and its weight-loading bar
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULTS.steps)
-    probe_steps = args.probe_steps if args.probe_steps is not None else (QUICK_PROBE_STEPS if args.quick else DEFAULTS.steps)
+    probe_steps = (
+        args.probe_steps if args.probe_steps is not None else (QUICK_PROBE_STEPS if args.quick else DEFAULTS.steps)
+    )
     adapters = AdapterSettings(num_experts=len(train.domain_names), adapter_dim=args.adapter_dim)
     settings = TrainSettings(steps=steps, lr=args.lr, batch_size=args.batch_size, adapters=adapters)
     backbone_settings = BackboneSettings(pretrain_steps=args.pretrain_steps)
@@ -186,8 +216,8 @@ def main(argv=None) -> dict:
         "test_images": len(test),
         "settings_text": (
             f"{len(train)} training / {len(test)} test images of {args.image_size}x{args.image_size}; {steps} steps of "
-            f"batch {settings.batch_size}, AdamW lr {settings.lr:g} (10% warm-up, linear decay), {adapters.num_experts} "
-            f"experts of size {adapters.adapter_dim} per block, tag supervision coefficient "
+            f"batch {settings.batch_size}, AdamW lr {settings.lr:g} (10% warm-up, linear decay), "
+            f"{adapters.num_experts} experts of size {adapters.adapter_dim} per block, tag supervision coefficient "
             f"{settings.tag_supervision_coef:g} per block; {seeds} seed(s); {args.threads} torch thread(s); "
             f"wall time {wall / 60:.1f} min."
         ),

@@ -131,7 +131,17 @@ def test_backbone_is_pretrained_once_then_loaded_from_the_cache(splits, tmp_path
 
 def test_rows_names_and_errors():
     names = [r.name for r in default_rows()]
-    assert names[:9] == ["tag", "hash", "monolithic", "top_k", "st_gumbel", "reinforce", "moesart", "dselect_k", "smear"]
+    assert names[:9] == [
+        "tag",
+        "hash",
+        "monolithic",
+        "top_k",
+        "st_gumbel",
+        "reinforce",
+        "moesart",
+        "dselect_k",
+        "smear",
+    ]
     assert len(names) == 9 + 6 * 3 + 6 and "smear+sup1" in names and "reinforce+init" in names
     assert Row.parse("top_k+sup10") == Row("top_k", supervision_percent=10)
     with pytest.raises(ValueError, match="learned routers"):
@@ -209,7 +219,12 @@ def test_bad_flags_are_refused_before_any_training(tmp_path):
 
 
 def test_bad_flags_exit_with_one_clear_line():
-    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "res_dom.py"), "--routing", "hash+sup10"],
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "res_dom.py"), "--routing", "hash+sup10"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2, run.stderr
     assert "learned routers" in run.stderr and "Traceback" not in run.stderr

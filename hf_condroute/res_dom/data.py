@@ -19,8 +19,8 @@ recipe measures and reports the accuracy here). Every random choice comes from o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +52,13 @@ class ResDomData:
     def __len__(self) -> int:
         return self.pixel_values.shape[0]
 
-    def subset(self, index: torch.Tensor) -> "ResDomData":
+    def subset(self, index: torch.Tensor) -> ResDomData:
         return ResDomData(self.pixel_values[index], self.labels[index], self.domains[index], self.domain_names,
                           self.class_names)  # fmt: skip
 
 
 def _colours(n: int, g: torch.Generator, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-    return (low + (high - low) * torch.rand(n, 3, 1, 1, generator=g))
+    return low + (high - low) * torch.rand(n, 3, 1, 1, generator=g)
 
 
 def _saturated(n: int, g: torch.Generator) -> torch.Tensor:
@@ -139,7 +139,9 @@ def digit_masks(digits: torch.Tensor, image_size: int, g: torch.Generator) -> to
     return torch.stack([torch.roll(m[i], (int(dy[i]), int(dx[i])), dims=(1, 2)) for i in range(m.shape[0])])
 
 
-def render(masks: torch.Tensor, domains: torch.Tensor, g: torch.Generator, overlap: float = DEFAULT_OVERLAP) -> torch.Tensor:
+def render(
+    masks: torch.Tensor, domains: torch.Tensor, g: torch.Generator, overlap: float = DEFAULT_OVERLAP
+) -> torch.Tensor:
     """Images (N, 3, S, S) in [0, 1]: mask i in domain `domains[i]`, blended with weight U(0, overlap) with the same
     mask in another random domain."""
     if not 0 <= overlap <= 1:
@@ -205,4 +207,3 @@ def make_splits(
     real = torch.zeros(len(pre), dtype=torch.long)
     pretrain = _data(render(digit_masks(digits[pre], image_size, g), real, g, overlap=0.0), labels[pre], real)
     return ResDomSplits(pretrain, splits["train"], splits["test"])
-

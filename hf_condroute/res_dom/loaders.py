@@ -5,7 +5,7 @@ columns. Images are converted to RGB and resized to `image_size` x `image_size`;
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,9 @@ def load_image_folder(root: str, image_size: int = 32) -> ResDomData:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"No image folder at {root}: lay DomainNet out as {root}/<domain>/<class>/*.jpg.")
     domains = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    classes = sorted({c for d in domains for c in os.listdir(os.path.join(root, d)) if os.path.isdir(os.path.join(root, d, c))})
+    classes = sorted(
+        {c for d in domains for c in os.listdir(os.path.join(root, d)) if os.path.isdir(os.path.join(root, d, c))}
+    )
     files, labels, tags = [], [], []
     for di, d in enumerate(domains):
         for ci, c in enumerate(classes):
@@ -49,7 +51,9 @@ def load_image_folder(root: str, image_size: int = 32) -> ResDomData:
             f"{root} holds {len(domains)} domain folders and {len(files)} images: Res-Dom needs at least two domains "
             f"laid out as {root}/<domain>/<class>/*.jpg (extensions {', '.join(IMAGE_EXTENSIONS)})."
         )
-    return ResDomData(_pixels(files, image_size), torch.tensor(labels), torch.tensor(tags), tuple(domains), tuple(classes))
+    return ResDomData(
+        _pixels(files, image_size), torch.tensor(labels), torch.tensor(tags), tuple(domains), tuple(classes)
+    )
 
 
 def load_domain_dataset(
@@ -59,7 +63,7 @@ def load_domain_dataset(
     image_column: str = "image",
     label_column: str = "label",
     domain_column: str = "domain",
-    max_samples: Optional[int] = None,
+    max_samples: int | None = None,
 ) -> ResDomData:
     """One split of a `datasets` data set, from a `save_to_disk` folder or the Hub. String domains are numbered in
     sorted order; integer domains and labels keep their ClassLabel names when the features have them."""

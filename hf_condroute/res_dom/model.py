@@ -15,7 +15,6 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import torch
 from peft import get_peft_model
@@ -57,7 +56,7 @@ class ResDomDataset(torch.utils.data.Dataset):
     """The Trainer's view of `ResDomData`: pixel_values (normalised), labels, routing_tags (the domain, or -100
     where `tags` hides it) and routing_keys (hash routing's fixed key per image)."""
 
-    def __init__(self, data: ResDomData, tags: Optional[torch.Tensor] = None):
+    def __init__(self, data: ResDomData, tags: torch.Tensor | None = None):
         self.data = data
         self.tags = data.domains if tags is None else tags
 
@@ -79,7 +78,9 @@ class _PixelsOnly(ResDomDataset):
         return {"pixel_values": item["pixel_values"], "labels": item["labels"]}
 
 
-def training_arguments(output_dir: str, steps: int, batch_size: int, lr: float, seed: int, **extra) -> TrainingArguments:
+def training_arguments(
+    output_dir: str, steps: int, batch_size: int, lr: float, seed: int, **extra
+) -> TrainingArguments:
     """The stock Trainer's arguments shared by pretraining and the study: AdamW, warm-up then linear decay, CPU,
     no checkpoints, no logging integrations."""
     return TrainingArguments(
@@ -103,7 +104,7 @@ def pretrain_backbone(data: ResDomData, settings: BackboneSettings) -> ResNetFor
 
 
 def load_or_pretrain_backbone(
-    data: ResDomData, settings: BackboneSettings, cache_dir: Optional[str] = DEFAULT_CACHE
+    data: ResDomData, settings: BackboneSettings, cache_dir: str | None = DEFAULT_CACHE
 ) -> tuple[str, bool]:
     """The folder of the pretrained backbone for these settings and pretraining data, and whether it was trained
     now (False: found in the cache). cache_dir=None trains it into a fresh temporary folder."""

@@ -31,8 +31,15 @@ def _accuracy(model, data: ResDomData, batch_size: int = 512) -> float:
     return 100 * hits / len(data)
 
 
-def domain_accuracy(backbone: str, train: ResDomData, test: ResDomData, steps: int = 300, lr: float = 3e-3,
-                    batch_size: int = 64, seed: int = 0) -> float:
+def domain_accuracy(
+    backbone: str,
+    train: ResDomData,
+    test: ResDomData,
+    steps: int = 300,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> float:
     """Test accuracy (%) of predicting the domain."""
     torch.manual_seed(seed)
     model = load_backbone(backbone, len(train.domain_names))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 from matplotlib.figure import Figure
 
@@ -26,7 +25,7 @@ PAPER_ACCURACY = {
 }
 
 
-def _fmt(x: Optional[float], digits: int = 1) -> str:
+def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
@@ -70,7 +69,9 @@ def write_markdown(summary: dict[str, dict], meta: dict, path: str) -> None:
 def plot_supervision(summary: dict[str, dict], path: str) -> bool:
     """Accuracy and Focus/Cover against the tag-supervised fraction for each learned router with supervision rows;
     the heuristic rows as horizontal lines. Returns False (and writes nothing) when no router has such a row."""
-    routers = [r for r in LEARNED_ROUTERS if any(Row(r, supervision_percent=p).name in summary for p in SUPERVISION_PERCENTS)]
+    routers = [
+        r for r in LEARNED_ROUTERS if any(Row(r, supervision_percent=p).name in summary for p in SUPERVISION_PERCENTS)
+    ]
     if not routers:
         return False
     percents = (0, *SUPERVISION_PERCENTS)
@@ -87,7 +88,9 @@ def plot_supervision(summary: dict[str, dict], path: str) -> bool:
         ax_fc.plot(xs, [r["cover"] for r in rows], marker="s", linestyle="--", color=color, label=f"{router} cover")
     for j, name in enumerate(HEURISTIC_ROUTERS):
         if name in summary:
-            ax_acc.axhline(summary[name]["accuracy"], color="0.4", linestyle=(0, (1 + 2 * j, 2)), linewidth=1, label=name)
+            ax_acc.axhline(
+                summary[name]["accuracy"], color="0.4", linestyle=(0, (1 + 2 * j, 2)), linewidth=1, label=name
+            )
     ax_acc.set_ylabel("test accuracy (%), mean over domains")
     ax_fc.set_ylabel("Focus (solid) / Cover (dashed)")
     ax_fc.set_ylim(0, 1.05)

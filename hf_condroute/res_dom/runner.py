@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
@@ -25,7 +25,7 @@ def run_study(
     backbone: str,
     settings: TrainSettings,
     progress: bool = True,
-    on_result: Optional[Callable[[str, int, dict, float], None]] = None,
+    on_result: Callable[[str, int, dict, float], None] | None = None,
 ) -> dict[str, list[dict]]:
     """Scores of every row for seeds 0..seeds-1: {row name: [scores of seed 0, seed 1, ...]}."""
     if seeds < 1:
@@ -38,7 +38,9 @@ def run_study(
     if needs_tag and "tag" not in names:
         plain.insert(0, Row("tag"))  # trained for the init rows, not reported
     plain.sort(key=lambda r: r.router != "tag")
-    tasks = [(r, s) for s in range(seeds) for r in plain] + [(r, s) for s in range(seeds) for r in rows if r.subnet_init]
+    tasks = [(r, s) for s in range(seeds) for r in plain] + [
+        (r, s) for s in range(seeds) for r in rows if r.subnet_init
+    ]
     results: dict[str, dict[int, dict]] = {name: {} for name in names}
     with tempfile.TemporaryDirectory(prefix="res_dom_tag_") as tag_dir:
         bar = tqdm(tasks, unit="run", desc="Res-Dom", disable=not progress)

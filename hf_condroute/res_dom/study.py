@@ -13,7 +13,6 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from transformers import Trainer
@@ -44,7 +43,8 @@ class Row:
     def __post_init__(self):
         if self.router not in HEURISTIC_ROUTERS + LEARNED_ROUTERS:
             raise ValueError(
-                f"Unknown Res-Dom router {self.router!r}: choose one of {', '.join(HEURISTIC_ROUTERS + LEARNED_ROUTERS)}."
+                f"Unknown Res-Dom router {self.router!r}: choose one of "
+                f"{', '.join(HEURISTIC_ROUTERS + LEARNED_ROUTERS)}."
             )
         if (self.supervision_percent or self.subnet_init) and self.router not in LEARNED_ROUTERS:
             raise ValueError(
@@ -63,7 +63,7 @@ class Row:
         return f"{self.router}+init" if self.subnet_init else self.router
 
     @classmethod
-    def parse(cls, name: str) -> "Row":
+    def parse(cls, name: str) -> Row:
         """'top_k', 'top_k+sup10' or 'top_k+init'."""
         router, _, suffix = name.partition("+")
         if not suffix:
@@ -72,7 +72,9 @@ class Row:
             return cls(router, subnet_init=True)
         if suffix.startswith("sup") and suffix[3:].isdigit():
             return cls(router, supervision_percent=int(suffix[3:]))
-        raise ValueError(f"Cannot read row {name!r}: use ROUTER, ROUTER+sup<percent> (e.g. top_k+sup10) or ROUTER+init.")
+        raise ValueError(
+            f"Cannot read row {name!r}: use ROUTER, ROUTER+sup<percent> (e.g. top_k+sup10) or ROUTER+init."
+        )
 
 
 def default_rows() -> list[Row]:
@@ -168,15 +170,17 @@ def run_row(
     test: ResDomData,
     backbone: str,
     settings: TrainSettings,
-    init_from: Optional[str] = None,
-    save_to: Optional[str] = None,
+    init_from: str | None = None,
+    save_to: str | None = None,
 ) -> dict:
     """Train one row for one seed with the stock Trainer and score it on `test`. A `+init` row starts its experts
     and classifier from `init_from` (a tag run saved with `save_to`)."""
     model = routed_model(backbone, len(train.class_names), row.router, adapter_settings(row, settings, seed), seed)
     if row.subnet_init:
         if init_from is None:
-            raise ValueError(f"Row {row.name} starts from a tag-routing run: pass `init_from=` (the tag row's `save_to`).")
+            raise ValueError(
+                f"Row {row.name} starts from a tag-routing run: pass `init_from=` (the tag row's `save_to`)."
+            )
         load_experts_from(model, init_from)
     with tempfile.TemporaryDirectory() as tmp:
         args = training_arguments(tmp, settings.steps, settings.batch_size, settings.lr, seed)
@@ -191,7 +195,7 @@ def run_row(
     return scores
 
 
-def _sem(xs: list[float]) -> Optional[float]:
+def _sem(xs: list[float]) -> float | None:
     n = len(xs)
     return float(torch.tensor(xs, dtype=torch.float64).std(unbiased=True) / math.sqrt(n)) if n > 1 else None
 
