@@ -19,7 +19,7 @@ from .block import ROUTER_KEY
 
 def check_expert_checkpoint(checkpoint: str) -> PeftConfig:
     """The checkpoint's PEFT config, or a clear error if the folder holds no routed adapter."""
-    from .tuners.peft_patches import ROUTED_ADAPTER
+    from .tuners.peft_types import ROUTED_ADAPTER
 
     if not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):
         raise ValueError(

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from .. import losses
-from ..routing_config import RoutingConfig
 from .norm import RouterBatchNorm1d
+
+if TYPE_CHECKING:  # the config reads the routers' capabilities; routers only read config fields
+    from ..routing_config import RoutingConfig
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""Every change this package makes to PEFT's own classes, in one place, for the PEFT versions it was checked
-against (`SUPPORTED_PEFT`; importing with another version is refused before anything is patched):
+"""Every change this package makes to PEFT, in one place, for the PEFT versions it was checked against
+(`peft_types.SUPPORTED_PEFT`; importing with another version is refused before anything is patched):
 
-1. our PEFT types, spliced into PEFT's closed `PeftType` enum (`register_peft_method` accepts no other names);
+1. our PEFT types, spliced into PEFT's closed `PeftType` enum (`peft_types`, which the configs import);
 2. our tuners registered with `register_peft_method`, so `get_peft_model`, `PeftConfig.from_pretrained`,
    `PeftModel.from_pretrained` and `load_adapter` dispatch to them;
 3. `PeftModel.save_pretrained`, `create_or_update_model_card` and `_upload_modified_files` wrapped so routed
@@ -13,45 +13,8 @@ from __future__ import annotations
 import functools
 import inspect
 
-import peft
-from packaging.version import Version
-from peft.utils.peft_types import PeftType
-
 from .. import hub
-
-SUPPORTED_PEFT = (Version("0.21.0"), Version("0.22.0"))
-
-
-def check_peft_version() -> None:
-    version = Version(peft.__version__)
-    if not SUPPORTED_PEFT[0] <= version < SUPPORTED_PEFT[1]:
-        raise ImportError(
-            f"hf_condroute supports peft>={SUPPORTED_PEFT[0]},<{SUPPORTED_PEFT[1]} (its tuner registry), but peft "
-            f"{version} is installed. Install a supported version: pip install 'peft>=0.21,<0.22'."
-        )
-
-
-def add_peft_type(name: str) -> PeftType:
-    """PeftType[name], added to the enum's member maps if it is not there."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    try:
-        type.__setattr__(PeftType, name, member)
-    except AttributeError:
-        pass
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
-
-
-check_peft_version()
-ROUTED_ADAPTER = add_peft_type("ROUTED_ADAPTER")
-ROUTED_FFN = add_peft_type("ROUTED_FFN")
-ROUTED_LORA = add_peft_type("ROUTED_LORA")
+from .peft_types import ROUTED_ADAPTER, ROUTED_FFN, ROUTED_LORA
 
 
 def register_peft_types() -> None:

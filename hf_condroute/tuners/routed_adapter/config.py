@@ -10,7 +10,7 @@ from ...architectures import ROUTED_ADAPTER_TARGET_MODULES  # noqa: F401  (re-ex
 from ...experts import ACTIVATIONS
 from ...routing_config import RoutingConfig
 from ...validation import Choice, Flag, Integer, check_fields
-from ..peft_patches import ROUTED_ADAPTER
+from ..peft_types import ROUTED_ADAPTER
 
 
 @dataclass

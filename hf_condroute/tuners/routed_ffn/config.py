@@ -12,7 +12,7 @@ from peft.config import PeftConfig
 from ...moebert.split import check_shared
 from ...routing_config import RoutingConfig
 from ...validation import Choice, Flag, Integer, Text, check_fields
-from ..peft_patches import ROUTED_FFN
+from ..peft_types import ROUTED_FFN
 
 
 @dataclass

@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 
 from ...routing_config import RoutingConfig
 from ...validation import Choice, ConfigError, Integer, Real, Text, check_fields
-from ..peft_patches import ROUTED_LORA
+from ..peft_types import ROUTED_LORA
 
 DEFAULT_NUM_EXPERTS = 8
 LAYER_SHARING = "layer"
