@@ -8,7 +8,6 @@ per forward, `set_reward` with each image's own loss (REINFORCE), `add_to_loss` 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,66 +17,24 @@ from transformers import get_linear_schedule_with_warmup
 from ..metrics import routing_focus_cover
 from ..routers import router_class
 from ..step import RoutingStep
+from ..study_rows import HEURISTIC_ROUTERS, SUPERVISION_PERCENTS, StudyRow, sem  # noqa: F401
 from .data import NUM_VALUES, DAESynData
 from .model import DAEConfig, DiscreteAutoencoder, routing_configs
 
-HEURISTIC_ROUTERS = ("tag", "hash", "monolithic")
 # the routers whose decisions are learned, so tag supervision and subnet init apply to them
 LEARNED_ROUTERS = ("top_k", "st_gumbel", "reinforce", "moesart")
-SUPERVISION_PERCENTS = (1, 10, 100)
 PAPER_GUMBEL_STEPS = 100_000  # the paper code: anneal rate 1e-4 (the core default) over 100k steps
 
 
-@dataclass(frozen=True)
-class Row:
-    """One row of the study: `router`, `router+sup<percent>` or `router+init`."""
+class Row(StudyRow):
+    """One row of the DAE-Syn study: `router`, `router+sup<percent>` or `router+init`."""
 
-    router: str
-    supervision_percent: int = 0  # images whose tags supervise the routers, in percent
-    subnet_init: bool = False  # experts and decoder start from this seed's tag-routing model
-
-    def __post_init__(self):
-        if self.router not in HEURISTIC_ROUTERS + LEARNED_ROUTERS:
-            raise ValueError(
-                f"Unknown DAE-Syn router {self.router!r}: "
-                f"choose one of {', '.join(HEURISTIC_ROUTERS + LEARNED_ROUTERS)}."
-            )
-        if (self.supervision_percent or self.subnet_init) and self.router not in LEARNED_ROUTERS:
-            raise ValueError(
-                f"Tag supervision and subnet init apply to learned routers ({', '.join(LEARNED_ROUTERS)}), not "
-                f"{self.router!r}."
-            )
-        if not 0 <= self.supervision_percent <= 100:
-            raise ValueError(f"supervision_percent must be in 0..100, got {self.supervision_percent}.")
-        if self.supervision_percent and self.subnet_init:
-            raise ValueError("A row has tag supervision or subnet init, not both.")
-
-    @property
-    def name(self) -> str:
-        if self.supervision_percent:
-            return f"{self.router}+sup{self.supervision_percent}"
-        return f"{self.router}+init" if self.subnet_init else self.router
-
-    @classmethod
-    def parse(cls, name: str) -> Row:
-        """'top_k', 'top_k+sup10' or 'top_k+init'."""
-        router, _, suffix = name.partition("+")
-        if not suffix:
-            return cls(router)
-        if suffix == "init":
-            return cls(router, subnet_init=True)
-        if suffix.startswith("sup") and suffix[3:].isdigit():
-            return cls(router, supervision_percent=int(suffix[3:]))
-        raise ValueError(
-            f"Cannot read row {name!r}: use ROUTER, ROUTER+sup<percent> (e.g. top_k+sup10) or ROUTER+init."
-        )
+    study = "DAE-Syn"
+    learned_routers = LEARNED_ROUTERS
 
 
 def default_rows() -> list[Row]:
-    rows = [Row(r) for r in HEURISTIC_ROUTERS + LEARNED_ROUTERS]
-    rows += [Row(r, supervision_percent=p) for p in SUPERVISION_PERCENTS for r in LEARNED_ROUTERS]
-    rows += [Row(r, subnet_init=True) for r in LEARNED_ROUTERS]
-    return rows
+    return Row.default_rows()
 
 
 @dataclass(frozen=True)
@@ -221,11 +178,10 @@ def pretrain_for_init(
 def summarize(per_seed: list[dict[str, float]]) -> dict[str, float | int | None]:
     """Mean over seeds; loss_sem is the standard error of the mean loss (None for one seed)."""
     n = len(per_seed)
-    losses = torch.tensor([s["loss"] for s in per_seed], dtype=torch.float64)
-    sem = float(losses.std(unbiased=True) / math.sqrt(n)) if n > 1 else None
+    losses = [s["loss"] for s in per_seed]
     return {
-        "loss": float(losses.mean()),
-        "loss_sem": sem,
+        "loss": float(torch.tensor(losses, dtype=torch.float64).mean()),
+        "loss_sem": sem(losses),
         "focus": sum(s["focus"] for s in per_seed) / n,
         "cover": sum(s["cover"] for s in per_seed) / n,
         "seeds": n,

@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 import os
 
-from matplotlib.figure import Figure
-
-from .study import HEURISTIC_ROUTERS, LEARNED_ROUTERS, SUPERVISION_PERCENTS, Row
+from ..study_rows import supervision_figure
+from .study import Row
 
 # paper A Table 1 (plain rows) and Table 2 (subnet init), Res-Dom column: DomainNet test accuracy (%)
 PAPER_ACCURACY = {
@@ -67,40 +66,16 @@ def write_markdown(summary: dict[str, dict], meta: dict, path: str) -> None:
 
 
 def plot_supervision(summary: dict[str, dict], path: str) -> bool:
-    """Accuracy and Focus/Cover against the tag-supervised fraction for each learned router with supervision rows;
-    the heuristic rows as horizontal lines. Returns False (and writes nothing) when no router has such a row."""
-    routers = [
-        r for r in LEARNED_ROUTERS if any(Row(r, supervision_percent=p).name in summary for p in SUPERVISION_PERCENTS)
-    ]
-    if not routers:
+    """Accuracy and Focus/Cover against the tag-supervised fraction (paper A Figure 2); False (and nothing written)
+    when no router has a supervision row."""
+    drawn = supervision_figure(summary, Row, "accuracy", "Res-Dom: effect of tag supervision (paper A Figure 2)")
+    if drawn is None:
         return False
-    percents = (0, *SUPERVISION_PERCENTS)
-    fig = Figure(figsize=(11, 4.2))  # no pyplot: no global figure manager, the backend left as it is
-    ax_acc, ax_fc = fig.subplots(1, 2)
-    for i, router in enumerate(routers):
-        names = [Row(router, supervision_percent=p).name for p in percents]
-        xs = [x for x, n in enumerate(names) if n in summary]
-        rows = [summary[n] for n in names if n in summary]
-        color = f"C{i}"
-        ax_acc.errorbar(xs, [r["accuracy"] for r in rows], yerr=[r["accuracy_sem"] or 0.0 for r in rows], marker="o",
-                        capsize=3, color=color, label=router)  # fmt: skip
-        ax_fc.plot(xs, [r["focus"] for r in rows], marker="o", color=color, label=f"{router} focus")
-        ax_fc.plot(xs, [r["cover"] for r in rows], marker="s", linestyle="--", color=color, label=f"{router} cover")
-    for j, name in enumerate(HEURISTIC_ROUTERS):
-        if name in summary:
-            ax_acc.axhline(
-                summary[name]["accuracy"], color="0.4", linestyle=(0, (1 + 2 * j, 2)), linewidth=1, label=name
-            )
+    fig, ax_acc, ax_fc = drawn
     ax_acc.set_ylabel("test accuracy (%), mean over domains")
-    ax_fc.set_ylabel("Focus (solid) / Cover (dashed)")
-    ax_fc.set_ylim(0, 1.05)
     for ax in (ax_acc, ax_fc):
-        ax.set_xticks(range(len(percents)), [f"{p}%" for p in percents])
         ax.set_xlabel("training images with tag supervision")
-        ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8, ncol=2)
-    ax_fc.legend(fontsize=7, ncol=2)
-    fig.suptitle("Res-Dom: effect of tag supervision (paper A Figure 2)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True

@@ -9,7 +9,6 @@ block's load (the share of test images each expert gets).
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -21,67 +20,25 @@ from transformers.trainer_callback import PrinterCallback
 from ..api import get_routing
 from ..metrics import expert_counts, expert_load, routing_focus_cover
 from ..routers import router_class
+from ..study_rows import HEURISTIC_ROUTERS, SUPERVISION_PERCENTS, StudyRow, sem  # noqa: F401
 from ..warm_start import load_experts_from
 from .data import ResDomData
 from .model import AdapterSettings, ResDomDataset, routed_model, training_arguments
 
-HEURISTIC_ROUTERS = ("tag", "hash", "monolithic")
 # the routers whose decisions are learned, so tag supervision and subnet init apply to them
 LEARNED_ROUTERS = ("top_k", "st_gumbel", "reinforce", "moesart", "dselect_k", "smear")
-SUPERVISION_PERCENTS = (1, 10, 100)
 PAPER_GUMBEL_STEPS = 100_000  # the paper code anneals the ST-Gumbel temperature at 1e-4 per step over 100k steps
 
 
-@dataclass(frozen=True)
-class Row:
-    """One row of the study: `router`, `router+sup<percent>` or `router+init`."""
+class Row(StudyRow):
+    """One row of the Res-Dom study: `router`, `router+sup<percent>` or `router+init`."""
 
-    router: str
-    supervision_percent: int = 0
-    subnet_init: bool = False
-
-    def __post_init__(self):
-        if self.router not in HEURISTIC_ROUTERS + LEARNED_ROUTERS:
-            raise ValueError(
-                f"Unknown Res-Dom router {self.router!r}: choose one of "
-                f"{', '.join(HEURISTIC_ROUTERS + LEARNED_ROUTERS)}."
-            )
-        if (self.supervision_percent or self.subnet_init) and self.router not in LEARNED_ROUTERS:
-            raise ValueError(
-                f"Tag supervision and subnet init apply to learned routers ({', '.join(LEARNED_ROUTERS)}), not "
-                f"{self.router!r}."
-            )
-        if not 0 <= self.supervision_percent <= 100:
-            raise ValueError(f"The supervised percentage must be in 0..100, got {self.supervision_percent}.")
-        if self.supervision_percent and self.subnet_init:
-            raise ValueError("A row has tag supervision or subnet init, not both.")
-
-    @property
-    def name(self) -> str:
-        if self.supervision_percent:
-            return f"{self.router}+sup{self.supervision_percent}"
-        return f"{self.router}+init" if self.subnet_init else self.router
-
-    @classmethod
-    def parse(cls, name: str) -> Row:
-        """'top_k', 'top_k+sup10' or 'top_k+init'."""
-        router, _, suffix = name.partition("+")
-        if not suffix:
-            return cls(router)
-        if suffix == "init":
-            return cls(router, subnet_init=True)
-        if suffix.startswith("sup") and suffix[3:].isdigit():
-            return cls(router, supervision_percent=int(suffix[3:]))
-        raise ValueError(
-            f"Cannot read row {name!r}: use ROUTER, ROUTER+sup<percent> (e.g. top_k+sup10) or ROUTER+init."
-        )
+    study = "Res-Dom"
+    learned_routers = LEARNED_ROUTERS
 
 
 def default_rows() -> list[Row]:
-    rows = [Row(r) for r in HEURISTIC_ROUTERS + LEARNED_ROUTERS]
-    rows += [Row(r, supervision_percent=p) for p in SUPERVISION_PERCENTS for r in LEARNED_ROUTERS]
-    rows += [Row(r, subnet_init=True) for r in LEARNED_ROUTERS]
-    return rows
+    return Row.default_rows()
 
 
 @dataclass(frozen=True)
@@ -195,11 +152,6 @@ def run_row(
     return scores
 
 
-def _sem(xs: list[float]) -> float | None:
-    n = len(xs)
-    return float(torch.tensor(xs, dtype=torch.float64).std(unbiased=True) / math.sqrt(n)) if n > 1 else None
-
-
 def summarize(per_seed: list[dict]) -> dict:
     """Means over seeds; accuracy_sem is the standard error of the mean accuracy (None for one seed)."""
     n = len(per_seed)
@@ -208,7 +160,7 @@ def summarize(per_seed: list[dict]) -> dict:
     blocks = per_seed[0]["load"]
     return {
         "accuracy": sum(acc) / n,
-        "accuracy_sem": _sem(acc),
+        "accuracy_sem": sem(acc),
         "domain_accuracy": {d: sum(s["domain_accuracy"][d] for s in per_seed) / n for d in domains},
         "focus": sum(s["focus"] for s in per_seed) / n,
         "cover": sum(s["cover"] for s in per_seed) / n,
