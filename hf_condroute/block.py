@@ -196,7 +196,7 @@ class RoutedBlock(nn.Module):
                 "`routing_tags=` (-100 for examples without a tag), or set tag_supervision_coef=0."
             )
         decision = router(r.features, tags=row_tags, keys=r.keys, step=inputs.step.id if inputs.step else None)
-        factor = getattr(router.config, "expert_capacity_factor", None)
+        factor = router.config.expert_capacity_factor
         if factor is not None and capacity_applies(type(router)):
             decision = limit_capacity(decision, router.num_experts, factor)
         weights = decision.weights

@@ -223,11 +223,16 @@ class RoutingConfig:
     )
 
     def validate_routing(self) -> None:
-        """Raise a ValueError naming the problem and the fix for every inconsistent routing setting."""
+        """Raise a ValueError naming the problem and the fix for every bad or inconsistent routing setting."""
+        check_fields(self)
+        self.check_routing_rules()
+
+    def check_routing_rules(self) -> None:
+        """The rules across fields (each field's own rule is `check_fields`'): a config whose __post_init__ has run
+        `check_fields` already calls this alone."""
         from .capacity import capacity_applies
         from .routers import ROUTERS, router_class
 
-        check_fields(self)
         if self.router not in ROUTERS:
             raise ValueError(
                 f"Unknown router {self.router!r}. Valid routers: {', '.join(ROUTERS)}. Set `router=` to one of them."

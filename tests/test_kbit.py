@@ -27,8 +27,6 @@ from transformers import (  # noqa: E402
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     BitsAndBytesConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 import hf_condroute  # noqa: E402
@@ -38,11 +36,11 @@ from hf_condroute.quantized import dequantized_weight, is_quantized  # noqa: E40
 from hf_condroute.tuners.routed_adapter import RoutedAdapterLayer  # noqa: E402
 from hf_condroute.tuners.routed_ffn import RoutedFFN  # noqa: E402
 
-from .conftest import VOCAB, bert_batch, make_bert, make_t5, t5_batch  # noqa: E402
+from .conftest import VOCAB, bert_batch, make_bert, make_llama, make_t5, t5_batch  # noqa: E402
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA run of these checks needs a CUDA GPU")),
 ]
 QUANT = {
     "4bit": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -60,21 +58,6 @@ def _quiet_bnb():
         yield
 
 
-def make_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def base_dirs(tmp_path_factory):
     """Tiny dense checkpoints to load quantized: {kind: directory}."""
@@ -82,7 +65,7 @@ def base_dirs(tmp_path_factory):
     models = {
         "t5": make_t5(d_model=64, d_ff=128, d_kv=16),
         "bert": make_bert(hidden_size=64, intermediate_size=128),
-        "llama": make_llama(),
+        "llama": make_llama(hidden_size=64, intermediate_size=128, max_position_embeddings=64),
     }
     for kind, model in models.items():
         model.save_pretrained(root / kind)

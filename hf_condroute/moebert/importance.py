@@ -70,41 +70,43 @@ def importance_scores(
         inputs = [p for proj in parts.in_proj for p in (proj.weight, proj.bias) if p is not None]
         tracked.append(inputs + [parts.out_proj.weight])
     flat = [p for params in tracked for p in params]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     device = flat[0].device
     # summed on the model's device (no host sync per batch), returned on the CPU
     scores = {name: torch.zeros(parts.ffn_dim, dtype=torch.float32, device=device) for name, parts in ffns.items()}
+    for batch in _scored_batches(model, dataloader, flat, device, max_batches, progress):
+        with torch.enable_grad():
+            loss = loss_fn(model, batch) if loss_fn is not None else _task_loss(model, batch)
+            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+        offset = 0
+        for (name, parts), params in zip(ffns.items(), tracked):
+            g = grads[offset : offset + len(params)]
+            offset += len(params)
+            scores[name] += _neuron_sums(parts.out_proj, params, g).abs().float()
+    return {name: score.cpu() for name, score in scores.items()}
+
+
+def _scored_batches(model, dataloader, trainable, device, max_batches, progress):
+    """The batches to score, on `device`, with the model in eval mode and only `trainable` requiring gradients;
+    every parameter's `requires_grad` is restored afterwards. A dataloader that gives no batch is an error."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     seen = 0
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        for p in flat:
+        for p in trainable:
             p.requires_grad_(True)
         with eval_mode(model):
-            total = (
-                max_batches
-                if max_batches is not None
-                else (len(dataloader) if hasattr(dataloader, "__len__") else None)
-            )
+            total = max_batches if max_batches is not None else getattr(dataloader, "__len__", lambda: None)()
             for batch in tqdm(dataloader, total=total, disable=not progress, desc="importance"):
                 if max_batches is not None and seen >= max_batches:
                     break
-                batch = send_to_device(batch, device)
-                with torch.enable_grad():
-                    loss = loss_fn(model, batch) if loss_fn is not None else _task_loss(model, batch)
-                    grads = torch.autograd.grad(loss, flat, allow_unused=True)
-                offset = 0
-                for (name, parts), params in zip(ffns.items(), tracked):
-                    g = grads[offset : offset + len(params)]
-                    offset += len(params)
-                    scores[name] += _neuron_sums(parts.out_proj, params, g).abs().float()
                 seen += 1
+                yield send_to_device(batch, device)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
     if seen == 0:
         raise ValueError("The dataloader gave no batch: importance scores need data.")
-    return {name: score.cpu() for name, score in scores.items()}
 
 
 def _neuron_sums(out_proj, params, grads) -> torch.Tensor:
@@ -128,63 +130,41 @@ def _neuron_sums(out_proj, params, grads) -> torch.Tensor:
 
 def _importance_from_activations(model, ffns: dict[str, FFNParts], dataloader, loss_fn, max_batches, progress):
     """`importance_scores` through activations (see the module docstring): for quantized projections."""
-    params = list(model.parameters())
-    device = next((p.device for p in params), torch.device("cpu"))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     scores = {name: torch.zeros(parts.ffn_dim, dtype=torch.float32, device=device) for name, parts in ffns.items()}
-    flags = [(p, p.requires_grad) for p in params]
-    seen = 0
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)  # nothing but the activations needs a gradient
-        with eval_mode(model):
-            total = (
-                max_batches
-                if max_batches is not None
-                else (len(dataloader) if hasattr(dataloader, "__len__") else None)
-            )
-            for batch in tqdm(dataloader, total=total, disable=not progress, desc="importance"):
-                if max_batches is not None and seen >= max_batches:
-                    break
-                batch = send_to_device(batch, device)
-                acts: dict[str, list[torch.Tensor]] = {name: [] for name in ffns}
+    # nothing but the activations needs a gradient
+    for batch in _scored_batches(model, dataloader, [], device, max_batches, progress):
+        acts: dict[str, list[torch.Tensor]] = {name: [] for name in ffns}
 
-                def keep(name, t, acts=acts):
-                    if not t.requires_grad:  # the first FFN's input projection: nothing upstream needs a gradient
-                        t.requires_grad_(True)
-                    acts[name].append(t)
+        def keep(name, t, acts=acts):
+            if not t.requires_grad:  # the first FFN's input projection: nothing upstream needs a gradient
+                t.requires_grad_(True)
+            acts[name].append(t)
 
-                handles = []
-                embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-                if isinstance(embeddings, nn.Module):
-                    # inputs that need gradients from the start, as `enable_input_require_grads` makes them: a 4-bit
-                    # layer run without them in eval mode switches to bitsandbytes' CPU inference kernel for good
-                    handles.append(embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
-                for name, parts in ffns.items():
-                    for proj in parts.in_proj:
-                        handles.append(proj.register_forward_hook(lambda m, i, out, name=name: keep(name, out)))
-                    handles.append(
-                        parts.out_proj.register_forward_pre_hook(lambda m, args, name=name: keep(name, args[0]))
-                    )
-                try:
-                    with torch.enable_grad():
-                        loss = loss_fn(model, batch) if loss_fn is not None else _task_loss(model, batch)
-                finally:
-                    for h in handles:
-                        h.remove()
-                tensors = [t for name in ffns for t in acts[name]]
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors and loss.requires_grad else []
-                grads = iter(grads)
-                for name in ffns:
-                    total_j = torch.zeros_like(scores[name])
-                    for t in acts[name]:
-                        g = next(grads)
-                        if g is not None:
-                            total_j += (t.detach().float() * g.float()).reshape(-1, t.shape[-1]).sum(0)
-                    scores[name] += total_j.abs()
-                seen += 1
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    if seen == 0:
-        raise ValueError("The dataloader gave no batch: importance scores need data.")
+        handles = []
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if isinstance(embeddings, nn.Module):
+            # inputs that need gradients from the start, as `enable_input_require_grads` makes them: a 4-bit
+            # layer run without them in eval mode switches to bitsandbytes' CPU inference kernel for good
+            handles.append(embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
+        for name, parts in ffns.items():
+            for proj in parts.in_proj:
+                handles.append(proj.register_forward_hook(lambda m, i, out, name=name: keep(name, out)))
+            handles.append(parts.out_proj.register_forward_pre_hook(lambda m, args, name=name: keep(name, args[0])))
+        try:
+            with torch.enable_grad():
+                loss = loss_fn(model, batch) if loss_fn is not None else _task_loss(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        tensors = [t for name in ffns for t in acts[name]]
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors and loss.requires_grad else []
+        grads = iter(grads)
+        for name in ffns:
+            total_j = torch.zeros_like(scores[name])
+            for t in acts[name]:
+                g = next(grads)
+                if g is not None:
+                    total_j += (t.detach().float() * g.float()).reshape(-1, t.shape[-1]).sum(0)
+            scores[name] += total_j.abs()
     return {name: score.cpu() for name, score in scores.items()}

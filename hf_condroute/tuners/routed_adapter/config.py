@@ -71,4 +71,4 @@ class RoutedAdapterConfig(RoutingConfig, PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         check_fields(self)
-        self.validate_routing()
+        self.check_routing_rules()  # the fields' own rules ran above

@@ -145,7 +145,7 @@ class RoutedFFNConfig(RoutingConfig, PeftConfig):
             )
         if self.importance is not None:
             _check_importance(self.importance)
-        self.validate_routing()
+        self.check_routing_rules()  # the fields' own rules ran above
 
     def to_dict(self) -> dict:
         """The JSON-able config: importance scores are left out (each expert's neurons travel with the adapter

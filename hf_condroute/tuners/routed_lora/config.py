@@ -128,7 +128,7 @@ class RoutedLoraConfig(RoutingConfig, PeftConfig):
                     f"RoutedLoraConfig.router_sharing must be 'layer' or a valid regular expression, got "
                     f"{self.router_sharing!r} ({err})."
                 ) from None
-        self.validate_routing()
+        self.check_routing_rules()  # the fields' own rules ran above
 
     def to_dict(self) -> dict:
         """The JSON-able config, without `lora_experts`: the saved adapter holds the experts, so loading it needs
