@@ -40,7 +40,10 @@ from .conftest import VOCAB, bert_batch, make_bert, make_llama, make_t5, t5_batc
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA run of these checks needs a CUDA GPU")),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA run of these checks needs a CUDA GPU"),
+    ),
 ]
 QUANT = {
     "4bit": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
