@@ -4,6 +4,7 @@ standard error the studies report over seeds. Each study subclasses `StudyRow` w
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -114,3 +115,20 @@ def supervision_figure(summary: dict[str, dict], row_cls: type[StudyRow], metric
     ax_fc.legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     return fig, ax_metric, ax_fc
+
+
+def write_results_json(obj, path: str) -> None:
+    """The study's results as JSON: objects indented, lists of numbers on one line (a block's per-expert load is
+    one line, not one line per expert)."""
+
+    def dump(value, depth: int) -> str:
+        pad, inner = "  " * depth, "  " * (depth + 1)
+        if isinstance(value, dict) and value:
+            items = ",\n".join(f"{inner}{json.dumps(str(k))}: {dump(v, depth + 1)}" for k, v in value.items())
+            return "{\n" + items + "\n" + pad + "}"
+        if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+            return "[\n" + ",\n".join(inner + dump(v, depth + 1) for v in value) + "\n" + pad + "]"
+        return json.dumps(value)
+
+    with open(path, "w") as f:
+        f.write(dump(obj, 0) + "\n")

@@ -3,10 +3,9 @@ paper A's numbers) and `<stem>.png` (loss and Focus/Cover against the fraction o
 
 from __future__ import annotations
 
-import json
 import os
 
-from ..study_rows import supervision_figure
+from ..study_rows import supervision_figure, write_results_json
 from .study import Row, TrainSettings
 
 # paper A Table 1 (plain rows) and Table 2 (subnet init), DAE-Syn column: loss on 64x64 images after 100k steps
@@ -24,9 +23,7 @@ PAPER_LOSS = {
 
 
 def write_json(summary: dict[str, dict], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    write_results_json(summary, path)
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:

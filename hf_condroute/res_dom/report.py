@@ -4,10 +4,9 @@ column) and `<stem>.png` (accuracy and Focus/Cover against the fraction of tag-s
 
 from __future__ import annotations
 
-import json
 import os
 
-from ..study_rows import supervision_figure
+from ..study_rows import supervision_figure, write_results_json
 from .study import Row
 
 # paper A Table 1 (plain rows) and Table 2 (subnet init), Res-Dom column: DomainNet test accuracy (%)
@@ -84,9 +83,7 @@ def plot_supervision(summary: dict[str, dict], path: str) -> bool:
 def write_outputs(summary: dict[str, dict], meta: dict, output_dir: str, stem: str) -> list[str]:
     os.makedirs(output_dir, exist_ok=True)
     base = os.path.join(output_dir, stem)
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": summary}, f, indent=2)
-        f.write("\n")
+    write_results_json({"meta": meta, "rows": summary}, base + ".json")
     write_markdown(summary, meta, base + ".md")
     written = [base + ".json", base + ".md"]
     if plot_supervision(summary, base + ".png"):
