@@ -113,23 +113,28 @@ class RoutedRows:
 ROUTER_KEY = ".router."
 
 
+def check_router_fits(router: Router, experts: ExpertBank, name: str) -> None:
+    """A router and a bank can form a block: the same number of experts, and a bank that merges for a merging router."""
+    if experts.num_experts != router.num_experts:
+        raise ValueError(
+            f"The router of block {name or '<unnamed>'} routes to {router.num_experts} experts but its bank has "
+            f"{experts.num_experts}."
+        )
+    if router.merges_experts and not getattr(experts, "can_merge", False):
+        raise ValueError(
+            f"Router {router.name!r} of block {name or '<unnamed>'} averages its experts' parameters, but "
+            f"{type(experts).__name__} cannot merge them (only banks of two-matmul experts can). Use another "
+            "router with this bank."
+        )
+
+
 class RoutedBlock(nn.Module):
     """router + expert bank. forward(x, inputs) returns sum_j w_j f_{e_j}(x) with the shape of x except the last
     dimension (bank.out_features)."""
 
     def __init__(self, router: Router, experts: ExpertBank, granularity: str = "example", name: str = ""):
         super().__init__()
-        if experts.num_experts != router.num_experts:
-            raise ValueError(
-                f"The router of block {name or '<unnamed>'} routes to {router.num_experts} experts but its bank has "
-                f"{experts.num_experts}."
-            )
-        if router.merges_experts and not getattr(experts, "can_merge", False):
-            raise ValueError(
-                f"Router {router.name!r} of block {name or '<unnamed>'} averages its experts' parameters, but "
-                f"{type(experts).__name__} cannot merge them (only banks of two-matmul experts can). Use another "
-                "router with this bank."
-            )
+        check_router_fits(router, experts, name)
         self.router = router
         self.experts = experts
         self.granularity = granularity
@@ -166,10 +171,11 @@ class RoutedBlock(nn.Module):
                 length=length,
             )
         row_mask = torch.ones(batch, length, dtype=torch.bool, device=dev) if mask is None else mask[:, -length:].bool()
-        token_ids = match_rows(inputs.token_ids, batch, "input_ids", name, dev)
-        token_ids = token_ids[:, -length:] if token_ids is not None else None
-        if inputs.keys is not None:
+        if inputs.keys is not None:  # a user's per-token keys replace the token ids
             token_ids = self._token_keys(inputs.keys, batch, length, dev)
+        else:
+            token_ids = match_rows(inputs.token_ids, batch, "input_ids", name, dev)
+            token_ids = token_ids[:, -length:] if token_ids is not None else None
         # every token a row (no padding): views in token order, not a gather and a scatter of the whole sequence
         every_token = mask is None or bool(row_mask.all())
         if every_token:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .block import RoutedBlock, RoutedRows, RoutingInputs
+from .block import RoutedBlock, RoutedRows, RoutingInputs, check_router_fits
 from .experts import ExpertBank
 from .routers import Router
 
@@ -38,7 +38,7 @@ class MultiGateBlock(RoutedBlock):
         for gate, router in routers.items():
             if not isinstance(gate, str) or not gate or "[" in gate or "]" in gate:
                 raise ValueError(f"Gate names must be non-empty strings without brackets, got {gate!r}.")
-            RoutedBlock(router, experts, granularity, name=f"{name}[{gate}]")  # the same checks as a single gate
+            check_router_fits(router, experts, f"{name}[{gate}]")
         nn.Module.__init__(self)
         self.router = nn.ModuleDict(routers)
         self.experts = experts
