@@ -151,6 +151,14 @@ class RoutingConfig:
         default=False,
         metadata={"check": Flag(), "help": "MOESART samples with replacement (the paper's default is without)."},
     )
+    moesart_adjustment: Literal["moesart", "i", "ii"] = field(
+        default="moesart",
+        metadata={
+            "check": Choice(values=("moesart", "i", "ii")),
+            "help": "MOESART: how the sampled logits are adjusted in training (paper B 3.1.1): 'moesart' is eq. (3); "
+            "'i' keeps o_i, 'ii' adds log r_i (the same as 'i' without replacement); the ablation of its Table S1.",
+        },
+    )
     dselect_gamma: float = field(
         default=1.0,
         metadata={

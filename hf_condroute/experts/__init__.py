@@ -3,7 +3,7 @@ chosen ones (`dispatch`), its table of exact strategies with the cost model that
 grouping of rows by expert (`grouping`) and the grouped-matmul kernels (`kernels`)."""
 
 from .activations import ACTIVATIONS, activation_fn
-from .banks import AdapterBank, EmbeddingBank, ExpertBank, MLPExpertBank
+from .banks import AdapterBank, EmbeddingBank, ExpertBank, MLPExpertBank, ModuleBank
 from .dispatch import dispatch, expert_mlp
 from .grouping import Grouping, combine_rows, count_assignments, gather_rows, group_by_expert, group_offsets
 from .kernels import grouped_linear, grouped_mm_supported
@@ -29,6 +29,7 @@ __all__ = [
     "Grouping",
     "LoraBank",
     "MLPExpertBank",
+    "ModuleBank",
     "activation_fn",
     "choose_strategy",
     "combine_rows",

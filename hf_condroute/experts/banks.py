@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .activations import activation_fn
-from .dispatch import expert_mlp
+from .dispatch import dispatch, expert_mlp
 from .strategies import ExpertMLPWeights
 
 
@@ -124,3 +124,29 @@ class EmbeddingBank(ExpertBank):
         vectors = self.embeddings[experts.clamp(min=0)] * valid  # (R, k, D)
         out = (weights.unsqueeze(-1).to(vectors.dtype) * vectors).sum(dim=1)
         return out.view(x.shape[0], *([1] * (x.dim() - 2)), self.out_features).expand(*x.shape[:-1], -1)
+
+
+class ModuleBank(ExpertBank):
+    """N whole subnetworks of any kind (small CNNs, dense layers with dropout): each module maps rows
+    (n, ..., in_features) to (n, ..., out_features), and each chosen expert runs once on the rows routed to it
+    (`dispatch`). Its parameters are the modules' own, not stacked, so it cannot merge experts (`smear`)."""
+
+    def __init__(self, modules: list[nn.Module], in_features: int, out_features: int):
+        super().__init__()
+        if not modules:
+            raise ValueError("ModuleBank needs at least one expert module.")
+        self.num_experts, self.in_features, self.out_features = len(modules), in_features, out_features
+        self.nets = nn.ModuleList(modules)
+
+    def run_expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        return self.nets[e](rows)
+
+    def forward(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, merge: bool = False
+    ) -> torch.Tensor:
+        if merge:
+            raise ValueError(
+                f"{type(self).__name__} runs whole subnetworks, whose parameters cannot be averaged: the `smear` "
+                "router does not apply to it. Use a stacked bank (AdapterBank, LoraBank) for SMEAR."
+            )
+        return dispatch(x, experts, weights, self.num_experts, self.out_features, self.run_expert)

@@ -100,5 +100,5 @@ class MoesartRouter(Router):
             )
         draws = inverse_cdf_sample(probs, self.top_k, self.config.moesart_replacement)
         experts, counts = unique_with_counts(draws, self.num_experts)
-        weights = adjusted_weights(logits, experts, counts, self.top_k, "moesart")
+        weights = adjusted_weights(logits, experts, counts, self.top_k, self.config.moesart_adjustment)
         return RoutingDecision(experts=experts, weights=weights, probs=probs, logits=logits)
