@@ -37,17 +37,23 @@ class LocalSearchResult:
     evaluations: int = 0
 
 
-def permutable_blocks(model: nn.Module) -> dict[str, RoutedBlock]:
-    """{name: routed block} of the blocks whose router has an `expert_map`; a clear error when there are none."""
-    blocks = {
-        name: m for name, m in model.named_modules() if isinstance(m, RoutedBlock) and hasattr(m.router, "expert_map")
-    }
-    if not blocks:
+def permutable_routers(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: router} of the routers with an `expert_map`, the gates of a multi-gate block each under
+    `name[gate]`; a clear error when there are none."""
+    routers = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, RoutedBlock):
+            continue
+        gates = m.router.items() if isinstance(m.router, nn.ModuleDict) else [(None, m.router)]
+        for gate, router in gates:
+            if hasattr(router, "expert_map"):
+                routers[name if gate is None else f"{name}[{gate}]"] = router
+    if not routers:
         raise ValueError(
             "Local search found no router with an expert permutation. Build the model with "
             "`expert_permutation=True` in its routing config (RoutedAdapterConfig, RoutedFFNConfig or RoutingConfig)."
         )
-    return blocks
+    return routers
 
 
 def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -75,7 +81,8 @@ def local_search(
     min_improvement: float = 0.0,
     seed: int = 0,
 ) -> LocalSearchResult:
-    """Greedy first-improvement swap search over every permutable block's `expert_map`.
+    """Greedy first-improvement swap search over every permutable router's `expert_map` (each gate of a
+    multi-gate block has its own).
 
     batches: what the loss is averaged over (kept fixed for the whole search). loss_fn(model, batch): a scalar;
     default `model(**batch).loss`. Each round tries, block by block, every pair of outputs (or a random
@@ -87,7 +94,7 @@ def local_search(
     if rounds < 1 or (max_swaps_per_block is not None and max_swaps_per_block < 1):
         raise ValueError(f"rounds and max_swaps_per_block must be >= 1, got {rounds} and {max_swaps_per_block}.")
     loss_fn = loss_fn or default_loss
-    blocks = permutable_blocks(model)
+    routers = permutable_routers(model)
     rng = random.Random(seed)
     was_training = model.training
     model.eval()
@@ -96,8 +103,8 @@ def local_search(
         result = LocalSearchResult(initial_loss=best, final_loss=best, evaluations=1)
         for _ in range(rounds):
             improved = False
-            for name, block in blocks.items():
-                expert_map = block.router.expert_map
+            for name, router in routers.items():
+                expert_map = router.expert_map
                 n = expert_map.numel()
                 pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
                 if max_swaps_per_block is not None and max_swaps_per_block < len(pairs):

@@ -1,98 +1,93 @@
-"""Paper B's Table 1 (section 4.1) on Multi-Digits: softmax (dense), top_k, v_moe, smoe, expert_choice, x_moe and
-moesart as the gates of a multi-gate MoE of 8 CNN experts, several seeds, mean +- standard error, and the one-sided
-unpaired t-test of MOESART's test loss against the best other sparse router. No download.
+"""Paper B's benchmarks (section 4.1, 4.3; supplement S3, S4): Table 1 (softmax, top_k, v_moe, smoe, expert_choice,
+x_moe, moesart as the gates of multi-gate MoEs), Figure 3 (sampling with / without replacement), Figure 4 (k = 2, 4,
+6), Table S1 (adjustment strategies), S2 (trimmed lasso), S3 (load balancing), S4 (DSelect-k, COMET, COMET+).
+A random search per router on the validation split, then many seeds per row, mean +- standard error, and the
+one-sided unpaired t-test of each table's tested row against its best competitor.
 
-    python recipes/moesart_benchmarks.py                  # every router, 20 seeds, 600 steps (the default run)
-    python recipes/moesart_benchmarks.py --quick          # every router, 2 seeds, 60 steps, small splits (~1 min)
-    python recipes/moesart_benchmarks.py --router top_k --router moesart --seeds 5 --k 4
+    python recipes/moesart_benchmarks.py                 # every table on built-in local data, no downloads
+    python recipes/moesart_benchmarks.py --quick         # tiny sizes, 2 seeds, 2 trials per router (about a minute)
+    python recipes/moesart_benchmarks.py --dataset multi_mnist --data_dir ...   # the paper's data sets
 
-The default run writes <output-dir>/moesart_benchmarks.{json,md}; --quick writes moesart_benchmarks_quick.*, any
-other run moesart_benchmarks_custom.*, so a partial run never replaces the default run's results.
+Default data: Multi-Digits (paper B's Multi-MNIST construction on scikit-learn's real handwritten digits) and a
+recommender stand-in generated from a latent-factor model (hf_condroute/moesart_bench/recsys.py).
+The default run writes <output-dir>/moesart_benchmarks.{json,md} and PNGs; --quick writes moesart_benchmarks_quick.*,
+any other run moesart_benchmarks_custom.*, so a partial run never replaces the default run's results. Each finished
+run is logged in <stem>.runs.jsonl: run the same command again to resume an interrupted study.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-
-import torch
+import os
 
 from hf_condroute.cli import run_recipe, usage_errors
-from hf_condroute.moesart_bench.data import make_multi_digits
-from hf_condroute.moesart_bench.report import ROUTERS, markdown_table, summarize, ttest_moesart, write_outputs
-from hf_condroute.moesart_bench.train import TrainSettings, run_router
+from hf_condroute.moesart_bench.benchmark import BENCHMARKS, DEFAULT_BENCHMARKS
+from hf_condroute.moesart_bench.experiments import TABLES
+from hf_condroute.moesart_bench.study import run_study
 
-DEFAULTS = TrainSettings()
-DEFAULT_SEEDS = 20
-DEFAULT_SIZES = (10_000, 2_000, 2_000)
-QUICK = {"seeds": 2, "steps": 60, "sizes": (2_000, 500, 500)}
+DEFAULT_SEEDS, DEFAULT_TRIALS = 20, 4
+QUICK_SEEDS, QUICK_TRIALS = 2, 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--router", action="append", metavar="NAME", help=f"a row (repeatable); default: {', '.join(ROUTERS)}"
+        "--dataset",
+        action="append",
+        metavar="NAME",
+        help=f"repeatable; one of {', '.join(BENCHMARKS)} (default: {', '.join(DEFAULT_BENCHMARKS)})",
     )
-    p.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 (default {DEFAULT_SEEDS}; --quick: 2)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEFAULTS.steps}; --quick: 60)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam learning rate")
-    p.add_argument("--num-experts", type=int, default=DEFAULTS.num_experts)
-    p.add_argument("--k", type=int, default=DEFAULTS.k, help="experts per example and gate for the sparse routers")
-    p.add_argument("--trimmed-lasso", type=float, default=DEFAULTS.trimmed_lasso_coef, help="MOESART's lambda")
-    p.add_argument("--sizes", type=int, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"), help="pairs per split")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--table", action="append", metavar="NAME", help=f"repeatable; one of {', '.join(TABLES)} (default: all)"
+    )
+    p.add_argument("--data_dir", "--data-dir", default=None, help="folder with a real data set's files")
+    p.add_argument(
+        "--seeds", type=int, default=None, help=f"seeds per row (default {DEFAULT_SEEDS}; quick {QUICK_SEEDS})"
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help=f"random-search trials per router (default {DEFAULT_TRIALS}; quick {QUICK_TRIALS})",
+    )
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--output-dir", default="results")
-    p.add_argument("--quick", action="store_true", help="every router, 2 seeds, 60 steps, small splits")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 seeds, 2 trials per router")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with usage_errors():
-        routers = args.router or list(ROUTERS)
-        unknown = [r for r in routers if r not in ROUTERS]
+        datasets = args.dataset or list(DEFAULT_BENCHMARKS)
+        unknown = [d for d in datasets if d not in BENCHMARKS]
         if unknown:
-            raise ValueError(f"Unknown Table 1 router(s) {unknown}: choose from {', '.join(ROUTERS)}.")
-        if len(set(routers)) != len(routers):
-            raise ValueError(f"Routers repeat: {routers}. Give each once.")
-        seeds = args.seeds if args.seeds is not None else (QUICK["seeds"] if args.quick else DEFAULT_SEEDS)
-        if seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {seeds}.")
-        sizes = tuple(args.sizes) if args.sizes else (QUICK["sizes"] if args.quick else DEFAULT_SIZES)
-        settings = TrainSettings(
-            steps=args.steps if args.steps is not None else (QUICK["steps"] if args.quick else DEFAULTS.steps),
-            batch_size=args.batch_size,
-            lr=args.lr,
-            num_experts=args.num_experts,
-            k=args.k,
-            trimmed_lasso_coef=args.trimmed_lasso,
-        )
-        if "moesart" in routers and settings.k < 2:
-            raise ValueError("MOESART needs k >= 2 (with k = 1 no gradient reaches its router): pass --k 2 or more.")
-        splits = make_multi_digits(sizes)
-    full = not args.quick and settings == DEFAULTS and seeds == DEFAULT_SEEDS and sizes == DEFAULT_SIZES
-    full = full and routers == list(ROUTERS)
-    stem = "moesart_benchmarks" if full else ("moesart_benchmarks_quick" if args.quick else "moesart_benchmarks_custom")
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    try:
-        per_seed = {r: [] for r in routers}
-        for seed in range(seeds):
-            for r in routers:
-                per_seed[r].append(run_router(r, seed, splits, settings))
-                print(f"{r} seed {seed}: test loss {per_seed[r][-1]['loss']:.4f}", flush=True)
-    finally:
-        torch.set_num_threads(previous)
-    wall = time.perf_counter() - start
-    summary = {r: summarize(s) for r, s in per_seed.items()}
-    test = ttest_moesart(summary)
-    written = write_outputs(summary, test, settings, sizes, wall, args.output_dir, stem)
-    print(markdown_table(summary, test))
-    print(f"\nwall time {wall / 60:.1f} min; wrote {', '.join(written)}")
-    return {"rows": summary, "ttest": test, "wall_time_s": wall, "written": written}
+            raise ValueError(f"Unknown data set(s) {unknown}: choose from {', '.join(BENCHMARKS)}.")
+        if len(set(datasets)) != len(datasets):
+            raise ValueError(f"Data sets repeat: {datasets}. Give each once.")
+        tables = tuple(args.table or TABLES)
+        bad = [t for t in tables if t not in TABLES]
+        if bad:
+            raise ValueError(f"Unknown table(s) {bad}: choose from {', '.join(TABLES)}.")
+        seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
+        trials = args.trials if args.trials is not None else (QUICK_TRIALS if args.quick else DEFAULT_TRIALS)
+        default = not args.quick and args.data_dir is None and datasets == list(DEFAULT_BENCHMARKS)
+        default = default and (seeds, trials) == (DEFAULT_SEEDS, DEFAULT_TRIALS) and tables == tuple(TABLES)
+        stem = "moesart_benchmarks" + ("" if default else ("_quick" if args.quick else "_custom"))
+        if args.workers < 1 or args.threads < 1:
+            raise ValueError(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}.")
+        if seeds < 1 or trials < 2:
+            raise ValueError(
+                f"Need --seeds >= 1 and --trials >= 2 (MOESART's search alternates lambda = 0 and lambda > 0), got "
+                f"{seeds} and {trials}."
+            )
+    results = run_study(
+        datasets, args.data_dir, args.quick, seeds, trials, args.workers, args.threads, args.output_dir, stem, tables
+    )
+    print(open(results["written"][1]).read())
+    print(f"wall time {results['wall_time_s'] / 60:.1f} min; wrote {', '.join(results['written'])}")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,9 +1,7 @@
-"""Paper B's Table 1 on Multi-Digits: the pairs' labels and pixels, the multi-gate CNN MoE (one output per task, a
-shared expert run once per row), and a tiny run of recipes/moesart_benchmarks.py with its t-test."""
+"""Multi-Digits and the multi-gate CNN MoE of paper B's image benchmarks: the pairs' labels and pixels, disjoint
+source digits, one output per task with a shared expert run once per row."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -12,10 +10,7 @@ from sklearn.datasets import load_digits
 
 from hf_condroute.moesart_bench.data import CANVAS, make_multi_digits, source_pools
 from hf_condroute.moesart_bench.model import CNNExpertBank, MultiGateMoE, routing_config_for
-from hf_condroute.moesart_bench.report import summarize, ttest_moesart
 from hf_condroute.step import RoutingStep
-
-from .recipe_loader import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -79,76 +74,3 @@ def test_one_output_per_task_and_each_chosen_expert_runs_once_per_row(splits, ro
     assert any(chosen[0][i].tolist() != chosen[1][i].tolist() for i in range(8)) or router == "softmax"
     sum(o.sum() for o in out.values()).backward()
     assert all(p.grad is not None for p in model.heads.parameters())
-
-
-def test_ttest_is_against_the_best_other_sparse_router():
-    rows = {
-        "softmax": summarize(
-            [
-                dict(loss=v, task1_accuracy=0, task2_accuracy=0, val_loss=0, k_per_gate=8, experts_run=8)
-                for v in (0.1, 0.1)
-            ]
-        ),
-        "top_k": summarize(
-            [
-                dict(loss=v, task1_accuracy=0, task2_accuracy=0, val_loss=0, k_per_gate=2, experts_run=3)
-                for v in (1.0, 1.2, 1.1)
-            ]
-        ),
-        "v_moe": summarize(
-            [
-                dict(loss=v, task1_accuracy=0, task2_accuracy=0, val_loss=0, k_per_gate=2, experts_run=3)
-                for v in (2.0, 2.2, 2.1)
-            ]
-        ),
-        "moesart": summarize(
-            [
-                dict(loss=v, task1_accuracy=0, task2_accuracy=0, val_loss=0, k_per_gate=2, experts_run=3)
-                for v in (0.5, 0.6, 0.55)
-            ]
-        ),
-    }
-    test = ttest_moesart(rows)
-    assert test["against"] == "top_k" and 0 <= test["p_value"] < 0.05 and test["significant"]
-
-
-def test_tiny_recipe_run_writes_results_with_a_p_value(tmp_path):
-    recipe = load_recipe("moesart_benchmarks")
-    result = recipe.main(
-        [
-            "--router",
-            "top_k",
-            "--router",
-            "moesart",
-            "--seeds",
-            "2",
-            "--steps",
-            "3",
-            "--batch-size",
-            "16",
-            "--num-experts",
-            "4",
-            "--sizes",
-            "64",
-            "32",
-            "32",
-            "--output-dir",
-            str(tmp_path),
-        ]
-    )
-    payload = json.loads((tmp_path / "moesart_benchmarks_custom.json").read_text())
-    md = (tmp_path / "moesart_benchmarks_custom.md").read_text()
-    assert set(payload["rows"]) == {"top_k", "moesart"} and payload["seeds"] == 2
-    assert payload["ttest"]["against"] == "top_k" and 0.0 <= payload["ttest"]["p_value"] <= 1.0
-    assert result["ttest"] == payload["ttest"]
-    assert "MOESART" in md and "p = " in md
-    for row in payload["rows"].values():
-        assert row["k_per_gate"] == 2.0 and 2.0 <= row["experts_run"] <= 4.0
-
-
-def test_recipe_refuses_bad_flags(tmp_path):
-    recipe = load_recipe("moesart_benchmarks")
-    with pytest.raises(ValueError, match="Unknown Table 1 router"):
-        recipe.main(["--router", "nope", "--output-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="MOESART needs k >= 2"):
-        recipe.main(["--router", "moesart", "--k", "1", "--output-dir", str(tmp_path)])

@@ -1,25 +1,29 @@
-"""Paper B's multi-task image benchmark (its section 4.1, Table 1; supplement S6) on local data: Multi-Digits
-(`data`), a multi-gate MoE of small CNN experts (`model`), its training and scoring (`train`) and the table with
-the one-sided t-test of MOESART against the best other sparse router (`report`). `recipes/moesart_benchmarks.py`
-runs it."""
+"""Paper B's multi-task benchmarks (its section 4.1 and 4.3, supplement S3, S4, S6): data sets with their tasks
+(`benchmark`, `tasks`; Multi-Digits in `data`), multi-gate MoEs of CNN experts (`model`), training and scoring of
+one run (`train`), the tables as rows and the random search (`experiments`), running many jobs (`runner`), the
+whole study (`study`) and its report with t-tests and plots (`report`). `recipes/moesart_benchmarks.py` runs it."""
 
+from .benchmark import BENCHMARKS, Benchmark, build_benchmark
 from .data import MultiDigits, make_multi_digits
 from .model import CNNExpertBank, MultiGateMoE, routing_config_for
-from .report import markdown_table, summarize, ttest_moesart, write_outputs
-from .train import TrainSettings, evaluate, run_router, train
+from .study import run_study
+from .tasks import Split, Task, total_loss
+from .train import RunSpec, evaluate, run
 
 __all__ = [
+    "BENCHMARKS",
+    "Benchmark",
     "CNNExpertBank",
     "MultiDigits",
     "MultiGateMoE",
-    "TrainSettings",
+    "RunSpec",
+    "Split",
+    "Task",
+    "build_benchmark",
     "evaluate",
     "make_multi_digits",
-    "markdown_table",
     "routing_config_for",
-    "run_router",
-    "summarize",
-    "train",
-    "ttest_moesart",
-    "write_outputs",
+    "run",
+    "run_study",
+    "total_loss",
 ]

@@ -1,54 +1,65 @@
-"""Training and scoring of one router for one seed: plain PyTorch, Adam, a fixed number of steps, equally weighted
-task cross-entropies (paper B 4.1) plus the routers' auxiliary losses through the `RoutingStep`.
+"""Training and scoring of one row's setup for one seed on one data set: plain PyTorch, Adam at a constant learning
+rate, the tasks' weighted loss (paper B 4.1) plus the routers' auxiliary losses through the `RoutingStep`.
 
-Scores: test loss (the mean of the two tasks' cross-entropies, in eval mode), each task's accuracy (%), and the
-experts used per example in training: `k_per_gate` (what one gate computes per example, the paper's k/s) and
-`experts_run` (distinct experts computed per example over both gates, since a shared expert runs once).
+Early stopping as the paper's, within a fixed step budget: the validation loss is measured every `eval_every`
+steps and the parameters of the best measurement are the ones scored on the test split (the validation curve is
+kept: Figure 3 plots it). COMET+ (`local_search=True`) runs the permutation local search
+(`hf_condroute.local_search`) at each of those measurements during the first half of training, on two fixed
+training batches.
+
+Scores: test loss, each task's metric (accuracy %, ROC AUC %, MSE), and the experts used per example in training:
+`k_per_gate` (what one gate computes per example, the paper's k/s) and `experts_run` (distinct experts computed per
+example over all gates, since a shared expert runs once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ..local_search import local_search
 from ..step import RoutingStep
-from .data import MultiDigits
-from .model import MultiGateMoE, routing_config_for
+from .benchmark import Benchmark
+from .model import routing_config_for
+from .tasks import Split, total_loss
+
+SEARCH_BATCHES = 2  # fixed training batches the local search's loss is measured on
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 600
-    batch_size: int = 128
+class RunSpec:
+    """One row's setup. overrides: routing-config fields (e.g. top_k, moesart_replacement, router_aux_loss_coef)
+    as sorted (name, value) pairs, so a spec is hashable and two tables' identical rows are one run."""
+
+    router: str
     lr: float = 1e-3
-    num_experts: int = 8
-    k: int = 2
-    trimmed_lasso_coef: float = 0.0  # MOESART's (paper B 3.2)
-    eval_batch_size: int = 1000
+    overrides: tuple[tuple[str, Any], ...] = ()
+    local_search: bool = False
 
-    def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 2:
-            raise ValueError(
-                f"Need steps >= 1 and batch_size >= 2 (the routers' BatchNorm), got {self.steps} and {self.batch_size}."
-            )
-        if not 1 <= self.k <= self.num_experts:
-            raise ValueError(f"Need 1 <= k <= num_experts, got k={self.k} of {self.num_experts} experts.")
+    def with_overrides(self, **kw) -> RunSpec:
+        merged = dict(self.overrides)
+        merged.update(kw)
+        return replace(self, overrides=tuple(sorted(merged.items())))
 
-
-def task_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Per-example mean of the tasks' cross-entropies (B,)."""
-    losses = [F.cross_entropy(out, labels[:, i], reduction="none") for i, out in enumerate(logits.values())]
-    return torch.stack(losses).mean(dim=0)
+    def config(self, bench: Benchmark):
+        kw = dict(self.overrides)
+        k = kw.pop("top_k", bench.k)
+        if self.local_search:
+            kw["expert_permutation"] = True
+        return routing_config_for(self.router, bench.num_experts, k, **kw)
 
 
-def build_model(router: str, settings: TrainSettings, seed: int) -> MultiGateMoE:
-    overrides = {"trimmed_lasso_coef": settings.trimmed_lasso_coef} if router == "moesart" else {}
-    config = routing_config_for(router, settings.num_experts, settings.k, **overrides)
-    torch.manual_seed(seed)
-    return MultiGateMoE(config)
+@dataclass
+class RunResult:
+    scores: dict[str, float]
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+
+
+def forward(model, batch: Split, step: RoutingStep | None = None) -> dict[str, torch.Tensor]:
+    return model(batch.inputs, step)
 
 
 def experts_used(step: RoutingStep, num_experts: int) -> tuple[float, float]:
@@ -62,63 +73,63 @@ def experts_used(step: RoutingStep, num_experts: int) -> tuple[float, float]:
     return per_gate, float(hit[:, :num_experts].sum(dim=1).float().mean())
 
 
-def train(
-    model: MultiGateMoE,
-    data: MultiDigits,
-    settings: TrainSettings,
-    seed: int,
-    on_step: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """Adam at a constant learning rate; batches drawn epoch by epoch without replacement. Returns the mean experts
-    used per example over training."""
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+@torch.no_grad()
+def predict(model, data: Split, batch_size: int = 2048) -> dict[str, torch.Tensor]:
+    """Every task's outputs on a split, in eval mode."""
+    model.eval()
+    parts = [forward(model, data.take(slice(s, s + batch_size))) for s in range(0, len(data), batch_size)]
+    return {t: torch.cat([p[t] for p in parts]) for t in parts[0]}
+
+
+def evaluate(model, bench: Benchmark, data: Split) -> dict[str, float]:
+    """The total loss and each task's metric (over its labelled rows) on one split."""
+    outs = predict(model, data)
+    scores = {"loss": float(total_loss(bench.tasks, outs, data))}
+    for t, task in enumerate(bench.tasks):
+        rows = slice(None) if data.mask is None else data.mask[:, t]
+        scores[f"{task.name}_{task.metric}"] = task.score(outs[task.name][rows], data.labels[rows, t])
+    return scores
+
+
+def train(bench: Benchmark, spec: RunSpec, seed: int) -> tuple[torch.nn.Module, RunResult]:
+    """Train one model; returns it with its best-validation parameters loaded, and the run's curve and usage."""
+    torch.manual_seed(seed)
+    config = spec.config(bench)
+    model = bench.build_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    data = bench.splits["train"]
     order = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(len(data), generator=order), 0
+    search_batches = [data.take(perm[i * bench.batch_size : (i + 1) * bench.batch_size]) for i in range(SEARCH_BATCHES)]
+    best, best_state, best_step, curve = float("inf"), None, 0, []
     per_gate = run = 0.0
-    for _ in range(settings.steps):
-        if pos + settings.batch_size > len(perm):
+    for i in range(1, bench.steps + 1):
+        model.train()
+        if pos + bench.batch_size > len(perm):
             perm, pos = torch.randperm(len(data), generator=order), 0
-        idx = perm[pos : pos + settings.batch_size]
-        pos += settings.batch_size
+        batch = data.take(perm[pos : pos + bench.batch_size])
+        pos += bench.batch_size
         step = RoutingStep()
-        loss = step.add_to_loss(task_loss(model(data.images[idx], step), data.labels[idx]).mean())
+        loss = step.add_to_loss(total_loss(bench.tasks, forward(model, batch, step), batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        g, r = experts_used(step, settings.num_experts)
+        g, r = experts_used(step, config.num_experts)
         per_gate, run = per_gate + g, run + r
-        if on_step is not None:
-            on_step()
-    return {"k_per_gate": per_gate / settings.steps, "experts_run": run / settings.steps}
+        if i % bench.eval_every == 0 or i == bench.steps:
+            if spec.local_search and i <= bench.steps // 2:
+                local_search(model, search_batches, loss_fn=lambda m, b: total_loss(bench.tasks, forward(m, b), b))
+            val = evaluate(model, bench, bench.splits["val"])["loss"]
+            curve.append((i, val))
+            if val < best:
+                best, best_step, best_state = val, i, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    usage = {"k_per_gate": per_gate / bench.steps, "experts_run": run / bench.steps}
+    return model, RunResult(scores={"val_loss": best, "best_step": best_step, **usage}, curve=curve)
 
 
-@torch.no_grad()
-def evaluate(model: MultiGateMoE, data: MultiDigits, batch_size: int = 1000) -> dict[str, float]:
-    """Loss (mean of the tasks' cross-entropies) and each task's accuracy in %, in eval mode."""
-    model.eval()
-    loss, correct = 0.0, torch.zeros(data.labels.shape[1])
-    for start in range(0, len(data), batch_size):
-        images, labels = data.images[start : start + batch_size], data.labels[start : start + batch_size]
-        logits = model(images)
-        loss += float(task_loss(logits, labels).sum())
-        correct += torch.stack([(out.argmax(-1) == labels[:, i]).sum() for i, out in enumerate(logits.values())])
-    scores = {"loss": loss / len(data)}
-    scores.update({f"task{i + 1}_accuracy": 100.0 * float(c) / len(data) for i, c in enumerate(correct)})
-    return scores
-
-
-def run_router(
-    router: str,
-    seed: int,
-    splits: dict[str, MultiDigits],
-    settings: TrainSettings,
-    on_step: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """Train one router's model for one seed; its test scores, validation loss and experts used in training."""
-    model = build_model(router, settings, seed)
-    used = train(model, splits["train"], settings, seed, on_step)
-    scores = evaluate(model, splits["test"], settings.eval_batch_size)
-    scores["val_loss"] = evaluate(model, splits["val"], settings.eval_batch_size)["loss"]
-    scores.update(used)
-    return scores
+def run(bench: Benchmark, spec: RunSpec, seed: int) -> RunResult:
+    """Train, then score the best-validation model on the test split."""
+    model, result = train(bench, spec, seed)
+    result.scores.update(evaluate(model, bench, bench.splits["test"]))
+    return result
