@@ -225,7 +225,8 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 grad_tw += grad_tw_bias
         grad_act = grad_a.mul_(token_weights.unsqueeze(1))
         inputs = (pre,) if gate is None else (pre, gate)
-        grads_pre = torch.autograd.grad(act, inputs, grad_act)
+        # retained: a backward with retain_graph=True may run this node again
+        grads_pre = torch.autograd.grad(act, inputs, grad_act, retain_graph=True)
         grad_pre, grad_gate = grads_pre[0], (grads_pre[1] if gate is not None else None)
         grad_b1 = torch.zeros_like(b1).index_add_(0, e_tok, grad_pre) if b1 is not None and needs[4] else None
         grad_bg = None
