@@ -140,7 +140,7 @@ def test_fused_grouped_bfloat16_matches_float32():
     params32 = (mlp32.w1, mlp32.b1, mlp32.w2, mlp32.b2)
     mlp16 = ExpertMLPWeights(*(t.detach().bfloat16().requires_grad_() for t in params32))
     experts, weights = decision(64, 2, seed=5)
-    x = torch.randn(64, 1, D)
+    x = torch.randn(64, 1, D, generator=torch.Generator().manual_seed(6))
     outs, grads = [], []
     for mlp, dtype in ((mlp32, torch.float32), (mlp16, torch.bfloat16)):
         xi = x.detach().to(dtype).clone().requires_grad_()
@@ -148,9 +148,8 @@ def test_fused_grouped_bfloat16_matches_float32():
         out.float().sum().backward()
         outs.append(out.float())
         grads.append([xi.grad.float(), *(p.grad.float() for p in mlp.parameters())])
-    torch.testing.assert_close(outs[1], outs[0], rtol=5e-2, atol=5e-2)
-    for a, b in zip(grads[1], grads[0]):
-        torch.testing.assert_close(a, b, rtol=5e-2, atol=1e-1)
+    for a, b in zip([outs[1], *grads[1]], [outs[0], *grads[0]]):  # bfloat16 keeps 8 bits: relative error ~1%
+        assert (a - b).norm() <= 3e-2 * b.norm()
 
 
 @pytest.mark.parametrize("length", [1, 4])
