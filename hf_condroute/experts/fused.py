@@ -74,11 +74,17 @@ def pieces(counts: list[int], length: int, chunk_tokens: int, device) -> list[Pi
     return out
 
 
+def _one_launch(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """grouped_mm for a piece of several experts off the CPU (one kernel launch instead of one per expert). On CPU
+    it loops over the groups itself, and its fresh output would cost a copy: a loop of mm(out=) is faster there."""
+    return a.device.type != "cpu" and _grouped_mm_fits(a, b)
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor, p: Piece, out: torch.Tensor) -> torch.Tensor:
     """out = a (tokens, K) @ b[e] (K, H) for each expert's rows of the piece (b: the piece's experts)."""
     if p.e1 - p.e0 == 1:
         return torch.mm(a, b[0], out=out)
-    if _grouped_mm_fits(a, b):
+    if _one_launch(a, b):
         return out.copy_(F.grouped_mm(a, b, offs=p.offsets))
     for i, (part, part_out) in enumerate(zip(a.split(p.counts), out.split(p.counts))):
         if p.counts[i]:
@@ -114,7 +120,7 @@ def _weight_grad(out: torch.Tensor, a: torch.Tensor, g: torch.Tensor, p: Piece, 
         else:
             out[0].addmm_(a.t(), g)
         return
-    if _grouped_mm_fits(a, g):  # (a's strides, before the transpose, are what grouped_mm reads)
+    if _one_launch(a, g):  # (a's strides, before the transpose, are what grouped_mm reads)
         out.copy_(F.grouped_mm(a.t(), g, offs=p.offsets))
         return
     for i, (ai, gi) in enumerate(zip(a.split(p.counts), g.split(p.counts))):
