@@ -79,8 +79,11 @@ CASES = [
 def test_fused_grouped_matches_the_per_row_loop(monkeypatch, k, length, drops, gated, biases, grouped_mm, chunk_bytes):
     dtype = torch.float64 if not grouped_mm else torch.float32  # grouped_mm has no float64: its loop fallback
     # grouped_mm for pieces of several experts (what CUDA takes; CPU loops mm(out=)), or the loop everywhere
-    one_launch = fused._grouped_mm_fits if grouped_mm else (lambda a, b: False)
-    monkeypatch.setattr(fused, "_one_launch", one_launch)
+    if grouped_mm:
+        monkeypatch.setattr(fused, "_one_launch", fused._grouped_mm_fits)
+    else:
+        monkeypatch.setattr(fused, "_grouped_mm_fits", lambda a, b: False)
+        monkeypatch.setattr(fused, "_one_launch", lambda a, b: False)
     if chunk_bytes is not None:  # pieces of ~6 tokens: the large group is split, small ones are packed
         monkeypatch.setattr(fused, "CHUNK_BYTES", chunk_bytes * torch.finfo(dtype).bits // 64)
     rows = 40

@@ -75,17 +75,20 @@ def pieces(counts: list[int], length: int, chunk_tokens: int, device) -> list[Pi
 
 
 def _one_launch(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """grouped_mm for a piece of several experts off the CPU (one kernel launch instead of one per expert). On CPU
-    it loops over the groups itself, and its fresh output would cost a copy: a loop of mm(out=) is faster there."""
+    """grouped_mm for the weight gradients of a piece of several experts off the CPU (one kernel launch instead of
+    one per expert). On CPU it loops over the groups itself, and its fresh (experts, K, H) output would cost a copy
+    into the gradient: a loop of mm(out=) is faster there."""
     return a.device.type != "cpu" and _grouped_mm_fits(a, b)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, p: Piece, out: torch.Tensor) -> torch.Tensor:
-    """out = a (tokens, K) @ b[e] (K, H) for each expert's rows of the piece (b: the piece's experts)."""
+def _mm(a: torch.Tensor, b: torch.Tensor, p: Piece, out: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """a (tokens, K) @ b[e] (K, H) for each expert's rows of the piece (b: the piece's experts), into `out`; with
+    `scratch` (out is only a buffer), grouped_mm's own output is returned as it is, not copied."""
     if p.e1 - p.e0 == 1:
         return torch.mm(a, b[0], out=out)
-    if _one_launch(a, b):
-        return out.copy_(F.grouped_mm(a, b, offs=p.offsets))
+    if _grouped_mm_fits(a, b):
+        result = F.grouped_mm(a, b, offs=p.offsets)
+        return result if scratch else out.copy_(result)
     for i, (part, part_out) in enumerate(zip(a.split(p.counts), out.split(p.counts))):
         if p.counts[i]:
             torch.mm(part, b[i], out=part_out)
@@ -173,7 +176,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
         out = seq.new_empty(rows, length * o) if permutation else seq.new_zeros(rows, length * o)
         buf_y = _Buffer(seq, plan, o)
         for p in plan:
-            y = _mm(a[p.t0 : p.t1], w2[p.e0 : p.e1], p, buf_y.rows(p))
+            y = _mm(a[p.t0 : p.t1], w2[p.e0 : p.e1], p, buf_y.rows(p), scratch=True)
             if b2 is not None:
                 wc = token_weights[p.t0 : p.t1]
                 if p.e1 - p.e0 == 1:
@@ -258,12 +261,18 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 if grad_wg is not None:
                     _weight_grad(grad_wg[p.e0 : p.e1], xs, grad_gate[p.t0 : p.t1], p, first)
             if needs[0]:
-                gx = _mm(grad_pre[p.t0 : p.t1], w1[p.e0 : p.e1].transpose(1, 2), p, buf_gx.rows(p))
+                gx = _mm(grad_pre[p.t0 : p.t1], w1[p.e0 : p.e1].transpose(1, 2), p, buf_gx.rows(p), scratch=True)
                 if grad_gate is not None:
                     if p.e1 - p.e0 == 1:
                         gx.addmm_(grad_gate[p.t0 : p.t1], w_gate[p.e0].t())
                     else:
-                        gx += _mm(grad_gate[p.t0 : p.t1], w_gate[p.e0 : p.e1].transpose(1, 2), p, torch.empty_like(gx))
+                        gx += _mm(
+                            grad_gate[p.t0 : p.t1],
+                            w_gate[p.e0 : p.e1].transpose(1, 2),
+                            p,
+                            torch.empty_like(gx),
+                            scratch=True,
+                        )
                 if permutation:
                     grad_x.index_copy_(0, index, gx.view(-1, length * d))
                 else:
