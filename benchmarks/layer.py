@@ -127,6 +127,7 @@ def variants(d: int, h: int, batch: int) -> dict[str, tuple[nn.Module, str]]:
             "FFNSliceBank, gated: act(x Wg) * (x Wi) -> Wo",
         ),
         "top_k N=64 k=1 per token": (routed(d, h, "top_k", 64, 1, "token"), "each token routed"),
+        "top_k N=256 k=1 per token": (routed(d, h, "top_k", 256, 1, "token"), "each token routed, ~16 per expert"),
         "top_k N=8 k=1, grouped forced": (
             routed(d, h, "top_k", 8, 1, bank_cls=ForcedStrategyBank, strategy="grouped"),
             "sorted rows + grouped GEMM instead of per-row weights",

@@ -103,3 +103,61 @@ def test_after_20_training_steps_eval_routes_the_training_batch_as_training_does
     assert sum(agreement.values()) / len(agreement) >= 0.85, agreement
     assert min(agreement.values()) >= 0.7, agreement
     assert max(largest_share.values()) < 0.9, largest_share  # no collapse
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("norm_cls", [RouterBatchNorm1d, nn.BatchNorm1d])
+def test_fused_batchnorm_linear_matches_the_two_modules(affine, bias, norm_cls):
+    """`batchnorm_linear` (the routers' one fused node in training): the same logits, running statistics and
+    gradients of the input and every parameter as BatchNorm1d then Linear, over several steps."""
+    import copy
+
+    from hf_condroute.routers.norm import batchnorm_linear
+
+    g = torch.Generator().manual_seed(0)
+    ref_norm = norm_cls(16, affine=affine).double().train()
+    ref_lin = nn.Linear(16, 8, bias=bias).double()
+    if affine:
+        with torch.no_grad():
+            ref_norm.weight.uniform_(0.5, 2.0, generator=g)
+            ref_norm.bias.normal_(generator=g)
+    norm, lin = copy.deepcopy(ref_norm), copy.deepcopy(ref_lin)
+    for _ in range(12):  # past RouterBatchNorm1d's averaging phase
+        x = (torch.randn(32, 16, generator=g, dtype=torch.float64) * 3 + 10).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        out, ref = batchnorm_linear(norm, lin, x), ref_lin(ref_norm(x_ref))
+        torch.testing.assert_close(out, ref)
+        grad = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        out.backward(grad)
+        ref.backward(grad)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(norm.running_mean, ref_norm.running_mean)
+    torch.testing.assert_close(norm.running_var, ref_norm.running_var)
+    assert int(norm.num_batches_tracked) == int(ref_norm.num_batches_tracked) == 12
+    for p, q in zip([*norm.parameters(), *lin.parameters()], [*ref_norm.parameters(), *ref_lin.parameters()]):
+        torch.testing.assert_close(p.grad, q.grad)
+    # eval: the modules themselves
+    x = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(batchnorm_linear(norm.eval(), lin, x), ref_lin(ref_norm.eval()(x)))
+
+
+def test_fused_batchnorm_linear_float32_and_no_running_stats():
+    from hf_condroute.routers.norm import batchnorm_linear
+
+    g = torch.Generator().manual_seed(1)
+    norm, lin = nn.BatchNorm1d(64, track_running_stats=False).train(), nn.Linear(64, 8)
+    x = torch.randn(512, 64, generator=g) * 2 + 3
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = batchnorm_linear(norm, lin, x1), lin(norm(x2))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn(512, 8, generator=g)
+    out.backward(grad)
+    gx = x1.grad.clone()
+    grads = [p.grad.clone() for p in [*norm.parameters(), *lin.parameters()]]
+    for p in [*norm.parameters(), *lin.parameters()]:
+        p.grad = None
+    ref.backward(grad)
+    torch.testing.assert_close(gx, x2.grad, rtol=1e-4, atol=1e-5)
+    for a, p in zip(grads, [*norm.parameters(), *lin.parameters()]):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,7 @@
 """Experts: banks of N stacked subnetworks (`banks`; LoRA experts in `lora`), the dispatch that runs only the
 chosen ones (`dispatch`), its table of exact strategies with the cost model that picks one (`strategies`), the
-grouping of rows by expert (`grouping`) and the grouped-matmul kernels (`kernels`)."""
+grouping of rows by expert (`grouping`), the grouped-matmul kernels (`kernels`) and the grouped strategy as one
+autograd node (`fused`)."""
 
 from .activations import ACTIVATIONS, activation_fn
 from .banks import AdapterBank, EmbeddingBank, ExpertBank, MLPExpertBank, ModuleBank

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .grouping import combine_rows, gather_rows, group_by_expert, group_offsets
-from .kernels import grouped_linear
+from .fused import grouped_expert_mlp
+from .grouping import group_by_expert
 
 # Cost model, in multiply-adds: moving one value through memory (a gather, or its backward) costs about
 # MOVE_COST_IN_MACS; the grouped strategy's fixed work (sorting, permutations, one launch per expert) about
@@ -153,19 +153,12 @@ def per_row(seq, experts, weights, mlp: ExpertMLPWeights, hidden: Hidden, counte
 
 
 def grouped(seq, experts, weights, mlp: ExpertMLPWeights, hidden: Hidden, counted):
-    """Rows sorted by expert (once, shared by every matmul), each expert once on its contiguous group."""
-    rows, length, d = seq.shape
+    """Rows sorted by expert (once, shared by every matmul), each expert once on its contiguous group: gathered,
+    multiplied and combined chunk by chunk in one autograd node (`fused`), so no full-size sorted copy is made."""
+    length = seq.shape[1]
     g = group_by_expert(experts, weights, mlp.w1.shape[0], counted)
-    n_assign = g.rows.shape[0]
-    token_counts = [c * length for c in g.counts]
-    token_offsets = group_offsets(token_counts, seq.device)
-    rows_in_order = gather_rows(seq, g).reshape(n_assign * length, d)
-    gate = grouped_linear(rows_in_order, mlp.w_gate, token_offsets, token_counts, mlp.b_gate) if mlp.gated else None
-    pre = grouped_linear(rows_in_order, mlp.w1, token_offsets, token_counts, mlp.b1)
     token_weights = g.weights.repeat_interleave(length) if length > 1 else g.weights
-    act = hidden(pre, gate) * token_weights.unsqueeze(1)
-    out = grouped_linear(act, mlp.w2, token_offsets, token_counts, mlp.b2, token_weights)
-    return combine_rows(out.view(n_assign, length, -1), g, rows)
+    return grouped_expert_mlp(seq, token_weights, g, hidden, mlp, length)
 
 
 def merged(seq, experts, weights, mlp: ExpertMLPWeights, hidden: Hidden, counted):

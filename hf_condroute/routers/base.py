@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import losses
-from .norm import RouterBatchNorm1d
+from .norm import RouterBatchNorm1d, batchnorm_linear
 
 if TYPE_CHECKING:  # the config reads the routers' capabilities; routers only read config fields
     from ..routing_config import RoutingConfig
@@ -65,7 +65,7 @@ class RouterNetwork(nn.Module):
             nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(x))
+        return batchnorm_linear(self.norm, self.proj, x)  # in training one fused node (see `norm`)
 
 
 class Router(nn.Module):

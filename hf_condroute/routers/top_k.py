@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Router, RoutingDecision, top_k_with_probs
-from .norm import RouterBatchNorm1d
+from .norm import RouterBatchNorm1d, batchnorm_linear
 
 
 class TopKRouter(Router):
@@ -63,7 +63,7 @@ class XMoENetwork(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(self.proj(self.norm(x)), dim=-1)
+        z = F.normalize(batchnorm_linear(self.norm, self.proj, x), dim=-1)
         a = F.normalize(self.expert_embeddings, dim=-1)
         return z @ a.t() / self.log_temperature.exp()
 
