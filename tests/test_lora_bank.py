@@ -1,5 +1,6 @@
 """The LoRA bank's per-token path (`per_token_lora`) against a naive per-row, per-slot reference: forward and every
-gradient, both of its layouts (fewer rows than input features, and as many or more), empty slots, an expert named
+gradient, its three layouts (fewer slots than experts: the chosen ones gathered; fewer rows than input features;
+as many or more), empty slots, an expert named
 twice in a row, and the generic dispatch it replaces."""
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def case(rows: int, d: int = 16, o: int = 12, n: int = 5, r: int = 3, k: int = 2
     return x, experts, weights, a, b
 
 
-@pytest.mark.parametrize("rows", [3, 16, 40], ids=["rows<D", "rows=D", "rows>D"])
+@pytest.mark.parametrize("rows", [2, 3, 16, 40], ids=["slots<N", "rows<D", "rows=D", "rows>D"])
 def test_per_token_lora_matches_a_naive_reference_with_gradients(rows):
     x, experts, weights, a, b = case(rows)
     out = per_token_lora(x, experts, weights, a, b)
