@@ -1,6 +1,6 @@
 """The LoRA bank's per-token path (`per_token_lora`) against a naive per-row, per-slot reference: forward and every
-gradient, its three layouts (fewer slots than experts: the chosen ones gathered; fewer rows than input features;
-as many or more), empty slots, an expert named
+gradient, its three layouts (fewer slots than experts: the chosen ones gathered; fewer rows than the rank; as many or
+more), empty slots, an expert named
 twice in a row, and the generic dispatch it replaces."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def naive(x, experts, weights, a, b):
     return out.view(*x.shape[:-1], -1)
 
 
-def case(rows: int, d: int = 16, o: int = 12, n: int = 5, r: int = 3, k: int = 2, seed: int = 0):
+def case(rows: int, d: int = 16, o: int = 12, n: int = 5, r: int = 4, k: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, 1, d, generator=g, dtype=torch.float64, requires_grad=True)
     experts = torch.randint(0, n, (rows, k), generator=g)
@@ -35,7 +35,7 @@ def case(rows: int, d: int = 16, o: int = 12, n: int = 5, r: int = 3, k: int = 2
     return x, experts, weights, a, b
 
 
-@pytest.mark.parametrize("rows", [2, 3, 16, 40], ids=["slots<N", "rows<D", "rows=D", "rows>D"])
+@pytest.mark.parametrize("rows", [2, 3, 16], ids=["slots<N", "rows<r", "rows>=r"])
 def test_per_token_lora_matches_a_naive_reference_with_gradients(rows):
     x, experts, weights, a, b = case(rows)
     out = per_token_lora(x, experts, weights, a, b)

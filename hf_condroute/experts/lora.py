@@ -106,9 +106,10 @@ def per_token_lora(
     A LoRA expert's hidden layer is r units, so every expert's is cheap: all N are computed for every row, each
     row's combine weights (scattered to an (R, N) table, repeats adding up) scale them, and one GEMM of depth N*r
     applies every B at once. Nothing is sorted or counted (no host sync): what is left is two GEMMs of width N*r,
-    as one LoRA of rank N*r would run. Below D rows the first product runs per expert on the stacked A (a batched
-    GEMM, no (D, N*r) copy of A); from D rows on, as one GEMM against that copy. With fewer slots than experts
-    (R * k < N: decoding one sequence) only the chosen experts' A and B are gathered, which reads less of them."""
+    as one LoRA of rank N*r would run. The first product is one GEMM against a (D, N*r) copy of A; below r rows,
+    a batched GEMM per expert on the stacked A instead (it copies x N times: R*N*D values, fewer than A's D*N*r).
+    With fewer slots than experts (R * k < N: decoding one sequence) only the chosen experts' A and B are gathered,
+    which reads less of them."""
     rows, k = experts.shape
     n, d, r = lora_A.shape
     flat = x.reshape(rows, d)
@@ -120,7 +121,7 @@ def per_token_lora(
         return torch.bmm(hidden.view(rows, 1, k * r), b).view(*x.shape[:-1], b.shape[-1])
     # (R, N + 1): column 0 takes the empty slots (expert -1) and is cut off, so they add nothing, with no sync
     table = x.new_zeros(rows, n + 1).scatter_add(1, experts + 1, weights.to(x.dtype))[:, 1:]
-    if rows < d:
+    if rows < r:  # the batched GEMM broadcasts x to (N, R, D): cheaper than A's (D, N*r) copy only below r rows
         hidden = torch.matmul(flat, lora_A) * table.t().unsqueeze(-1)  # (N, R, r)
         hidden = hidden.transpose(0, 1).reshape(rows, n * r)
     else:
