@@ -179,7 +179,8 @@ class RoutedBlock(nn.Module):
         # every token a row (no padding): views in token order, not a gather and a scatter of the whole sequence
         every_token = mask is None or bool(row_mask.all())
         if every_token:
-            row_example = torch.arange(batch, device=dev).repeat_interleave(length)
+            # one token per example (decoding with the cache): row r is example r, which None says (no tensor)
+            row_example = None if length == 1 else torch.arange(batch, device=dev).repeat_interleave(length)
             rows = seq.reshape(batch * length, 1, -1)  # (M, 1, D)
             keys = token_ids.reshape(-1) if token_ids is not None else None
         else:

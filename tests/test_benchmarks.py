@@ -48,3 +48,35 @@ def test_moebert_speed_benchmark_times_routed_ffns_against_the_dense_model():
         "moesart N=4 k=2 (50% of the FFN)",
     ]
     assert payload["shape"]["d_ff"] == 256 and all(r["median_ms"] > 0 for r in results.values())
+
+
+TINY_LLAMA = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64", "--vocab", "100", "--r", "2"]
+
+
+def test_routed_lora_benchmark_trains_every_variant_including_x_lora(capsys):
+    bench = load_recipe("routed_lora", "benchmarks")
+    argv = TINY_LLAMA + ["--batch", "2", "--seq", "8", "--num-experts", "2", "--top-k", "1"]
+    payload = bench.main(argv + ["--reps", "1", "--warmup", "0"])
+    results = payload["results"]
+    assert list(results) == [
+        "PEFT LoRA r=2",
+        "routed LoRA top_k N=2 k=1",
+        "routed LoRA top_k N=2 k=1, router per layer",
+        "PEFT X-LoRA, 2 LoRAs",
+    ]
+    for name, r in results.items():
+        assert r["median_ms"] > 0 and r["peak_mb"] > 0 and r["peak_vs_allowance"] > 0, name
+    lora = results["PEFT LoRA r=2"]["trainable_params"]
+    assert results["routed LoRA top_k N=2 k=1"]["trainable_params"] > lora
+    assert "| PEFT X-LoRA, 2 LoRAs |" in capsys.readouterr().out
+
+
+def test_routed_lora_benchmark_times_greedy_decoding_per_batch_size():
+    bench = load_recipe("routed_lora", "benchmarks")
+    argv = TINY_LLAMA + ["--generate", "--gen-batches", "1", "2", "--prompt-len", "4", "--new-tokens", "3"]
+    argv += ["--num-experts", "2", "--reps", "1", "--warmup", "0", "--only", "routed LoRA top_k N=2 k=2"]
+    payload = bench.main(argv)
+    assert set(payload["results"]) == {
+        f"{name}, batch {b}" for name in ("PEFT LoRA r=2", "routed LoRA top_k N=2 k=2") for b in (1, 2)
+    }
+    assert all(r["ms_per_token"] > 0 for r in payload["results"].values())

@@ -81,7 +81,8 @@ class Linear(nn.Module, RoutedLoraLayer):
                 continue
             block = self.blocks[name]
             inputs = self.routing_state.inputs_for(self.side, block.granularity)
-            result = result + block(x.to(block.experts.dtype), inputs)  # PEFT's LoRA adds in the adapter's dtype
+            # PEFT's LoRA adds in the adapter's dtype (lora_A's: `bank.dtype` would walk the parameters each call)
+            result = result + block(x.to(block.experts.lora_A.dtype), inputs)
         return result.to(result_dtype)
 
     def __repr__(self) -> str:
