@@ -8,7 +8,8 @@ measurement. The held-out paragraphs (every fifth) are split in two, alternately
 router's learning rate from --lrs by the mean relative hidden-state error after distillation with seed 0; test
 (odd) is only measured, never chosen on. Seed 0's run at the tuned rate is reused, seeds 1..--seeds-1 are new.
 
-    python benchmarks/moebert_minilm_protocol.py --threads 1 --steps 40 --scores_cache /tmp/minilm_scores.pt
+    python benchmarks/moebert_minilm_protocol.py --threads 1                   # 2 routers x (3 lrs + 4 seeds)
+    python benchmarks/moebert_minilm_protocol.py --steps 10 --seeds 1 --lrs 5e-4 --scores_cache /tmp/scores.pt
 
 Writes <output_dir>/<stem>.json and .md (default results/moesart_benchmarks_minilm.*).
 """
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lrs", nargs="+", type=float, default=[2.5e-4, 5e-4, 1e-3])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--split", default="384:0", help="expert_dim:shared_neurons")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--trimmed_lasso_coef", type=float, default=0.0)
     parser.add_argument("--max_length", type=int, default=64)
