@@ -136,7 +136,7 @@ def table_rows(
             rows.append(Row(table, label, spec_of()))
 
     for r in TABLE1:
-        add("table1", LABELS[r], lambda: tuned[r])
+        add("table1", LABELS[r], lambda r=r: tuned[r])
     add("fig3", "MOESART without replacement", lambda: tuned["moesart"])
     add("fig3", "MOESART with replacement", lambda: tuned["moesart"].with_overrides(moesart_replacement=True))
     add("fig4", "Softmax (Dense)", lambda: tuned["softmax"])
@@ -144,8 +144,8 @@ def table_rows(
         if k < bench.num_experts:
             # the data set's own k is the same setup as Table 1's row, and so the same runs
             change = {} if k == bench.k else {"top_k": k}
-            add("fig4", f"Top-k, k = {k}", lambda: tuned["top_k"].with_overrides(**change))
-            add("fig4", f"MOESART, k = {k}", lambda: tuned["moesart"].with_overrides(**change))
+            add("fig4", f"Top-k, k = {k}", lambda c=change: tuned["top_k"].with_overrides(**c))
+            add("fig4", f"MOESART, k = {k}", lambda c=change: tuned["moesart"].with_overrides(**c))
     add("s1", "Top-k", lambda: tuned["top_k"])
     add("s1", "MOESART with (i),(ii)", lambda: tuned["moesart"].with_overrides(moesart_adjustment="i"))
     add("s1", "MOESART with (3)", lambda: tuned["moesart"])
