@@ -26,7 +26,10 @@ watched ~ Bernoulli(sigmoid(z)), and rating = clip(round(m + N(0, 0.6^2)), 1, 5)
 only and must learn them in its embeddings. The interaction differs by segment (W_c, A), so a single dense map of
 the concatenated embeddings fits it worse than experts that each handle a segment. The rating's noise floor is
 about 0.36 + 1/12 (rounding) in MSE.
-Defaults: 1,500 users, 800 items, 64,000 / 8,000 / 8,000 pairs (MovieLens' 80 / 10 / 10 %).
+Defaults: 1,000 users, 500 items, 80,000 / 10,000 / 10,000 pairs (MovieLens' 80 / 10 / 10 %; 160 training pairs
+per user on average: with 1,500 users and 800 items, 53, a model learnt little in 500 steps). Test-set scores of the
+true model (seed 0): watched AUC 86.7 % from z itself, rating MSE 0.449 from m; user and item biases alone give
+AUC 62.5 % and MSE 1.02 (the rating's variance is about 1.02).
 
 Real data (supplement S6.1, after Wang et al. 2020), from the published files in a local folder:
 - MovieLens: ml-1m / ml-10m `ratings.dat` ("UserID::MovieID::Rating::Timestamp") or ml-latest(-small) / ml-20m /
@@ -152,9 +155,9 @@ def _data(splits: dict[str, Split], num_users: int, num_items: int) -> RecsysDat
 
 
 def make_recsys_standin(
-    num_users: int = 1_500,
-    num_items: int = 800,
-    sizes: tuple[int, int, int] = (64_000, 8_000, 8_000),
+    num_users: int = 1_000,
+    num_items: int = 500,
+    sizes: tuple[int, int, int] = (80_000, 10_000, 10_000),
     seed: int = 0,
 ) -> RecsysData:
     """The local stand-in of the module docstring."""
@@ -332,7 +335,8 @@ class RecsysMoE(nn.Module):
     dense(head_units) + ReLU + dense(1). forward({"user": (B,) long, "item": (B,) long}, step) ->
     {task: (B,)}: the logit for a binary task, the prediction for a regression one. output_bias: a fixed number
     added to a task's output (the mean training rating, so that the rating's squared error starts near its
-    variance)."""
+    variance). embed_init: the embeddings start uniform in [-embed_init, embed_init] (Keras' default 0.05; None
+    keeps PyTorch's N(0, 1), with which the stand-in learnt markedly slower)."""
 
     def __init__(
         self,
