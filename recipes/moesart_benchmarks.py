@@ -11,14 +11,17 @@ one-sided unpaired t-test of each table's tested row against its best competitor
 Default data: Multi-Digits (paper B's Multi-MNIST construction on scikit-learn's real handwritten digits) and a
 recommender stand-in generated from a latent-factor model (hf_condroute/moesart_bench/recsys.py).
 The default run writes <output-dir>/moesart_benchmarks.{json,md} and PNGs; --quick writes moesart_benchmarks_quick.*,
-any other run moesart_benchmarks_custom.*, so a partial run never replaces the default run's results. Each finished
-run is logged in <stem>.runs.jsonl: run the same command again to resume an interrupted study.
+--steps N moesart_benchmarks_steps<N>.*, any other run moesart_benchmarks_custom.*, so a partial run never replaces
+the default run's results. Each finished run is logged in <stem>.runs.jsonl: run the same command again to resume
+an interrupted study.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 
 from hf_condroute.cli import run_recipe, usage_errors
 from hf_condroute.moesart_bench.benchmark import BENCHMARKS, DEFAULT_BENCHMARKS
@@ -50,6 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help=f"random-search trials per router (default {DEFAULT_TRIALS}; quick {QUICK_TRIALS})",
     )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per run on every data set instead of its own budget (the report is then "
+        "moesart_benchmarks_steps<N>.*)",
+    )
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--output-dir", default="results")
@@ -74,7 +84,12 @@ def main(argv=None) -> dict:
         trials = args.trials if args.trials is not None else (QUICK_TRIALS if args.quick else DEFAULT_TRIALS)
         default = not args.quick and args.data_dir is None and datasets == list(DEFAULT_BENCHMARKS)
         default = default and (seeds, trials) == (DEFAULT_SEEDS, DEFAULT_TRIALS) and tables == tuple(TABLES)
+        default = default and args.steps is None
         stem = "moesart_benchmarks" + ("" if default else ("_quick" if args.quick else "_custom"))
+        if args.steps is not None:
+            if args.steps < 1:
+                raise ValueError(f"--steps must be >= 1, got {args.steps}.")
+            stem = f"{stem.removesuffix('_custom')}_steps{args.steps}"
         if args.workers < 1 or args.threads < 1:
             raise ValueError(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}.")
         if seeds < 1 or trials < 2:
@@ -82,8 +97,21 @@ def main(argv=None) -> dict:
                 f"Need --seeds >= 1 and --trials >= 2 (MOESART's search alternates lambda = 0 and lambda > 0), got "
                 f"{seeds} and {trials}."
             )
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python recipes/moesart_benchmarks.py", *map(shlex.quote, argv)])
     results = run_study(
-        datasets, args.data_dir, args.quick, seeds, trials, args.workers, args.threads, args.output_dir, stem, tables
+        datasets,
+        args.data_dir,
+        args.quick,
+        seeds,
+        trials,
+        args.workers,
+        args.threads,
+        args.output_dir,
+        stem,
+        tables,
+        steps=args.steps,
+        command=command,
     )
     print(open(results["written"][1]).read())
     print(f"wall time {results['wall_time_s'] / 60:.1f} min; wrote {', '.join(results['written'])}")

@@ -197,12 +197,22 @@ def test_tiny_recipe_run_writes_tables_figures_and_p_values(tmp_path):
 
 
 def test_two_worker_processes_give_the_in_process_results(tmp_path):
+    """Also with another step budget (--steps), which the worker processes must apply as the parent does."""
     recipe = load_recipe("moesart_benchmarks")
-    common = ["--quick", "--table", "fig3", "--seeds", "1", "--trials", "2"]
+    common = ["--quick", "--table", "fig3", "--seeds", "1", "--trials", "2", "--steps", "12"]
     one = recipe.main([*common, "--workers", "1", "--output-dir", str(tmp_path / "one")])
     two = recipe.main([*common, "--workers", "2", "--output-dir", str(tmp_path / "two")])
     rows = [r["benchmarks"]["multi_digits"]["tables"]["fig3"]["rows"] for r in (one, two)]
     assert {k: v["loss"] for k, v in rows[0].items()} == {k: v["loss"] for k, v in rows[1].items()}
+    payload = json.loads((tmp_path / "two" / "moesart_benchmarks_quick_steps12.json").read_text())
+    settings = payload["benchmarks"]["multi_digits"]["settings"]
+    assert settings["steps"] == 12 and settings["eval_every"] == 10
+    assert [
+        s for s, _ in payload["benchmarks"]["multi_digits"]["tables"]["fig3"]["curves"]["MOESART with replacement"][0]
+    ] == [10, 12]
+    md = (tmp_path / "two" / "moesart_benchmarks_quick_steps12.md").read_text()
+    assert "`python recipes/moesart_benchmarks.py --quick --table fig3" in md and "--steps 12 --workers 2" in md
+    assert "12 steps of batch" in md
 
 
 def test_recipe_refuses_bad_flags(tmp_path):
@@ -213,3 +223,5 @@ def test_recipe_refuses_bad_flags(tmp_path):
         recipe.main(["--table", "s9", "--output-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="trials >= 2"):
         recipe.main(["--quick", "--trials", "1", "--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        recipe.main(["--quick", "--steps", "0", "--output-dir", str(tmp_path)])

@@ -8,7 +8,7 @@ training settings (paper B supplement S6.3, scaled to 2 CPU cores), and the regi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -237,9 +237,15 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
 DEFAULT_BENCHMARKS = ("multi_digits", "recsys_standin")
 
 
-def build_benchmark(name: str, data_dir: str | None = None, quick: bool = False) -> Benchmark:
+def build_benchmark(name: str, data_dir: str | None = None, quick: bool = False, steps: int | None = None) -> Benchmark:
     """Every builder takes (data_dir, quick): the folder of a real data set's files (None for local ones), and the
-    small sizes the quick run (and CI) uses."""
+    small sizes the quick run (and CI) uses. steps: another training budget than the data set's (the validation
+    loss is still measured every `eval_every` steps)."""
     if name not in BENCHMARKS:
         raise ValueError(f"Unknown data set {name!r}: choose from {', '.join(BENCHMARKS)}.")
-    return BENCHMARKS[name](data_dir=data_dir, quick=quick)
+    bench = BENCHMARKS[name](data_dir=data_dir, quick=quick)
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}.")
+        bench = replace(bench, steps=steps, eval_every=min(bench.eval_every, steps))
+    return bench

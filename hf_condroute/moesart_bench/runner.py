@@ -41,10 +41,10 @@ def fingerprint(bench: Benchmark) -> dict:
 _BENCHES: dict[str, Benchmark] = {}
 
 
-def _init_worker(names: tuple[str, ...], data_dir: str | None, quick: bool, threads: int) -> None:
+def _init_worker(names: tuple[str, ...], data_dir: str | None, quick: bool, threads: int, steps: int | None) -> None:
     torch.set_num_threads(threads)
     for n in names:
-        _BENCHES[n] = build_benchmark(n, data_dir=data_dir, quick=quick)
+        _BENCHES[n] = build_benchmark(n, data_dir=data_dir, quick=quick, steps=steps)
 
 
 def _run_job(job: Job) -> dict:
@@ -56,8 +56,17 @@ def _run_job(job: Job) -> dict:
 class Runner:
     """runner.run(jobs) -> {job: {"scores": ..., "seconds": ..., "curve": ...}}, reading and extending the log."""
 
-    def __init__(self, benches: dict[str, Benchmark], data_dir, quick: bool, workers: int, threads: int, log: str):
-        self.benches, self.data_dir, self.quick = benches, data_dir, quick
+    def __init__(
+        self,
+        benches: dict[str, Benchmark],
+        data_dir,
+        quick: bool,
+        workers: int,
+        threads: int,
+        log: str,
+        steps: int | None = None,
+    ):
+        self.benches, self.data_dir, self.quick, self.steps = benches, data_dir, quick, steps
         self.workers, self.threads, self.log = workers, threads, log
         self.fingerprint = {n: fingerprint(b) for n, b in benches.items()}
         self.done: dict[str, dict] = {}
@@ -104,7 +113,7 @@ class Runner:
                 self.workers,
                 mp_context=get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(names, self.data_dir, self.quick, self.threads),
+                initargs=(names, self.data_dir, self.quick, self.threads, self.steps),
             ) as pool:
                 futures = {pool.submit(_run_job, job): job for job in todo}
                 for n, future in enumerate(as_completed(futures), 1):

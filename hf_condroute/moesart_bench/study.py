@@ -24,7 +24,11 @@ def run_study(
     output_dir: str = "results",
     stem: str = "moesart_benchmarks",
     tables: tuple[str, ...] = tuple(TABLES),
+    steps: int | None = None,
+    command: str | None = None,
 ) -> dict:
+    """steps: a training budget for every data set instead of its own; command: the command line the report
+    quotes (default: the recipe's, with --quick where quick)."""
     unknown = [t for t in tables if t not in TABLES]
     if unknown:
         raise ValueError(f"Unknown table(s) {unknown}: choose from {', '.join(TABLES)}.")
@@ -34,9 +38,10 @@ def run_study(
             f"threads >= 1; got seeds={seeds}, trials={trials}, workers={workers}, threads={threads}."
         )
     start = time.perf_counter()
-    benches = {n: build_benchmark(n, data_dir=data_dir, quick=quick) for n in datasets}
+    benches = {n: build_benchmark(n, data_dir=data_dir, quick=quick, steps=steps) for n in datasets}
     os.makedirs(output_dir, exist_ok=True)
-    runner = Runner(benches, data_dir, quick, workers, threads, os.path.join(output_dir, f"{stem}.runs.jsonl"))
+    log = os.path.join(output_dir, f"{stem}.runs.jsonl")
+    runner = Runner(benches, data_dir, quick, workers, threads, log, steps)
 
     searched = {n: routers_to_search(b, tables) for n, b in benches.items()}
     drawn = {n: [t for r in searched[n] for t in search_trials(b, r, trials)] for n, b in benches.items()}
@@ -83,9 +88,10 @@ def run_study(
         }
     wall = time.perf_counter() - start
     results["wall_time_s"], results["search_time_s"] = wall, search_time
+    command = command or f"python recipes/moesart_benchmarks.py{' --quick' if quick else ''}"
     header = (
         "# MOESART benchmarks: paper B's Table 1, Figures 3-4 and Tables S1-S4\n\n"
-        f"`python recipes/moesart_benchmarks.py{' --quick' if quick else ''}`: {', '.join(datasets)}; a random search "
+        f"`{command}`: {', '.join(datasets)}; a random search "
         f"of {trials} trials per router (one seed each, chosen by validation loss), then {seeds} seeds per row, "
         f"mean ± standard error; {workers} worker process(es) of {threads} thread(s); wall time {wall / 60:.1f} min "
         f"(search {search_time / 60:.1f} min). Paper B's columns are its own data sets' numbers (50 seeds, 500 "
