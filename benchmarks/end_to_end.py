@@ -140,6 +140,7 @@ def variants(args) -> dict[str, Callable[[], tuple[nn.Module, dict]]]:
         f"routed top_k N={n} k=2": routed(router="top_k", num_experts=n, top_k=2),
         f"routed moesart N={n} k=2": routed(router="moesart", num_experts=n, top_k=2),
         f"routed softmax N={n} (dense)": routed(router="softmax", num_experts=n),
+        f"routed smear N={n}": routed(router="smear", num_experts=n),
         "routed monolithic router": routed(router="monolithic", num_experts=1),
         f"PEFT Poly, {n} skills": poly,
         f"PEFT LoRA r={h}": lora,

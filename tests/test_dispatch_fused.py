@@ -1,5 +1,6 @@
 """The fused grouped dispatch (`experts/fused.py`): pieces that split large groups and pack small ones, against a
-naive per-row loop, forward and the gradients of the input, the combine weights and every expert weight."""
+naive per-row loop, forward and the gradients of the input, the combine weights and every expert weight; and its
+inference path (no gradients wanted), against the same loop."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def mlp_weights(dtype, gated: bool, biases: bool, seed: int = 0) -> ExpertMLPWei
         rand(N, D, H) if gated else None,
         rand(N, H) if gated and biases else None,
     )
+
+
+def mlp_fields(mlp: ExpertMLPWeights) -> tuple:
+    return (mlp.w1, mlp.b1, mlp.w2, mlp.b2, mlp.w_gate, mlp.b_gate)
 
 
 def naive(x, experts, weights, mlp: ExpertMLPWeights, act):
@@ -98,6 +103,13 @@ def test_fused_grouped_matches_the_per_row_loop(monkeypatch, k, length, drops, g
     ref = naive(x, experts, weights, mlp, act)
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
+    # with nothing to differentiate, the piece-by-piece inference path: the same values
+    with torch.no_grad():
+        torch.testing.assert_close(expert_mlp(x, experts, weights, mlp, act, strategy="grouped"), ref, **tol)
+    frozen = ExpertMLPWeights(*(t.detach() if t is not None else None for t in mlp_fields(mlp)))
+    inferred = expert_mlp(x.detach(), experts, weights.detach(), frozen, act, strategy="grouped")
+    assert not inferred.requires_grad
+    torch.testing.assert_close(inferred, ref.detach(), **tol)
     grads = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
     ref_grads = torch.autograd.grad(ref, inputs, grad_out, allow_unused=True)
     for got, want in zip(grads, ref_grads):

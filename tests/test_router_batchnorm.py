@@ -109,8 +109,8 @@ def test_after_20_training_steps_eval_routes_the_training_batch_as_training_does
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("norm_cls", [RouterBatchNorm1d, nn.BatchNorm1d])
 def test_fused_batchnorm_linear_matches_the_two_modules(affine, bias, norm_cls):
-    """`batchnorm_linear` (the routers' one fused node in training): the same logits, running statistics and
-    gradients of the input and every parameter as BatchNorm1d then Linear, over several steps."""
+    """`batchnorm_linear` (the routers' one fused node in training, the folded statistics in evaluation): the same
+    logits, running statistics and gradients of the input and every parameter as BatchNorm1d then Linear."""
     import copy
 
     from hf_condroute.routers.norm import batchnorm_linear
@@ -137,9 +137,24 @@ def test_fused_batchnorm_linear_matches_the_two_modules(affine, bias, norm_cls):
     assert int(norm.num_batches_tracked) == int(ref_norm.num_batches_tracked) == 12
     for p, q in zip([*norm.parameters(), *lin.parameters()], [*ref_norm.parameters(), *ref_lin.parameters()]):
         torch.testing.assert_close(p.grad, q.grad)
-    # eval: the modules themselves
-    x = torch.randn(4, 16, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(batchnorm_linear(norm.eval(), lin, x), ref_lin(ref_norm.eval()(x)))
+    # eval, a few rows (functional ops) and many (the running statistics folded into the Linear): the same logits
+    # and gradients as the two modules
+    from hf_condroute.routers.norm import FOLD_MIN_ROWS
+
+    for rows in (4, FOLD_MIN_ROWS + 3):
+        for module in (norm, lin, ref_norm, ref_lin):
+            module.zero_grad()
+        x = (torch.randn(rows, 16, generator=g, dtype=torch.float64) * 3 + 10).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        out, ref = batchnorm_linear(norm.eval(), lin, x), ref_lin(ref_norm.eval()(x_ref))
+        torch.testing.assert_close(out, ref)
+        grad = torch.randn(rows, 8, generator=g, dtype=torch.float64)
+        out.backward(grad)
+        ref.backward(grad)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        for p, q in zip([*norm.parameters(), *lin.parameters()], [*ref_norm.parameters(), *ref_lin.parameters()]):
+            torch.testing.assert_close(p.grad, q.grad)
+    assert int(norm.num_batches_tracked) == 12  # evaluation does not count a batch
 
 
 def test_fused_batchnorm_linear_float32_and_no_running_stats():

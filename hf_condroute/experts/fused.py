@@ -138,12 +138,12 @@ class _GroupedExpertMLP(torch.autograd.Function):
     """sum over a row's assignments of w * f_e(x_row), f_e the two-matmul expert (see `strategies`), in one node.
 
     Inputs: seq (R, T, D); token_weights (A*T,) the combine weight of each assigned token in expert order; `spec`:
-    (grouping, hidden, chunk pieces, build the hidden graph?); then w1, b1, w2, b2, w_gate, b_gate (None where
+    (grouping, hidden, chunk pieces); then w1, b1, w2, b2, w_gate, b_gate (None where
     absent)."""
 
     @staticmethod
     def forward(ctx, seq, token_weights, spec, w1, b1, w2, b2, w_gate, b_gate):
-        g, hidden, plan, need_graph = spec
+        g, hidden, plan = spec
         rows, length, d = seq.shape
         n, _, h = w1.shape
         o = w2.shape[2]
@@ -165,10 +165,9 @@ class _GroupedExpertMLP(torch.autograd.Function):
         if gate is not None and b_gate is not None:
             gate += b_gate.index_select(0, e_tok)
         with torch.enable_grad():
-            if need_graph:
-                pre.requires_grad_()
-                if gate is not None:
-                    gate.requires_grad_()
+            pre.requires_grad_()
+            if gate is not None:
+                gate.requires_grad_()
             act = hidden(pre, gate)
         act_values = act.detach()
         a = act_values * token_weights.unsqueeze(1)
@@ -295,11 +294,70 @@ def _zero_unrouted(grad: torch.Tensor, plan: list[Piece], n: int) -> None:
         grad[e].zero_()
 
 
+def _add_expert_bias(y: torch.Tensor, bias: torch.Tensor, p: Piece, e_tok: torch.Tensor | None) -> None:
+    """y += the bias of each row's expert, for a piece's rows."""
+    if p.e1 - p.e0 == 1:
+        y += bias[p.e0]
+    else:
+        y += bias.index_select(0, e_tok[p.t0 : p.t1])
+
+
+@torch.no_grad()
+def _grouped_expert_mlp_inference(seq, token_weights, g: Grouping, hidden, plan: list[Piece], mlp) -> torch.Tensor:
+    """The same sum with nothing to differentiate: each piece runs end to end (gather, first GEMM, bias,
+    activation, combine weight, second GEMM, bias, write to its rows) through reused piece-sized buffers, so the
+    (assignments, H) activations the training path keeps for its backward are never made whole."""
+    rows, length, d = seq.shape
+    o = mlp.w2.shape[2]
+    x2 = seq.reshape(rows, length * d)
+    token_counts = [c * length for c in g.counts]
+    multi = any(p.e1 - p.e0 > 1 for p in plan)
+    biased = mlp.b1 is not None or mlp.b2 is not None or mlp.b_gate is not None
+    e_tok = _token_experts(token_counts, seq.device) if multi and biased else None
+    h = mlp.w1.shape[2]
+    buf_x, buf_pre, buf_y = _Buffer(seq, plan, d), _Buffer(seq, plan, h), _Buffer(seq, plan, o)
+    buf_gate = _Buffer(seq, plan, h) if mlp.w_gate is not None else None
+    permutation = g.inverse is not None
+    out = seq.new_empty(rows, length * o) if permutation else seq.new_zeros(rows, length * o)
+    for p in plan:
+        index = g.rows[p.a0 : p.a1]
+        xs = _gather(x2, index, buf_x, p, length)
+        pre = _mm(xs, mlp.w1[p.e0 : p.e1], p, buf_pre.rows(p), scratch=True)
+        if mlp.b1 is not None:
+            _add_expert_bias(pre, mlp.b1, p, e_tok)
+        gate = None
+        if buf_gate is not None:
+            gate = _mm(xs, mlp.w_gate[p.e0 : p.e1], p, buf_gate.rows(p), scratch=True)
+            if mlp.b_gate is not None:
+                _add_expert_bias(gate, mlp.b_gate, p, e_tok)
+        wc = token_weights[p.t0 : p.t1].unsqueeze(1)
+        act = hidden(pre, gate).mul_(wc)  # fresh, or pre's own scratch buffer: free to overwrite
+        y = _mm(act, mlp.w2[p.e0 : p.e1], p, buf_y.rows(p), scratch=True)
+        if mlp.b2 is not None:
+            if p.e1 - p.e0 == 1:
+                y.addr_(wc.squeeze(1), mlp.b2[p.e0])
+            else:
+                y.addcmul_(mlp.b2.index_select(0, e_tok[p.t0 : p.t1]), wc)
+        if permutation:
+            out.index_copy_(0, index, y.view(-1, length * o))
+        else:
+            out.index_add_(0, index, y.view(-1, length * o))
+    return out.view(rows, length, o)
+
+
+def _needs_grad(seq, token_weights, mlp) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = (seq, token_weights, mlp.w1, mlp.b1, mlp.w2, mlp.b2, mlp.w_gate, mlp.b_gate)
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def grouped_expert_mlp(seq, token_weights, g: Grouping, hidden, mlp, length: int) -> torch.Tensor:
     """The fused grouped strategy (see the module docstring): (R, T, D) -> (R, T, O)."""
     d = seq.shape[2]
     chunk_tokens = max(1, CHUNK_BYTES // (d * seq.element_size()))
     plan = pieces(g.counts, length, chunk_tokens, seq.device)
-    need_graph = torch.is_grad_enabled()
-    spec = (g, hidden, plan, need_graph)
+    if not _needs_grad(seq, token_weights, mlp):
+        return _grouped_expert_mlp_inference(seq, token_weights, g, hidden, plan, mlp)
+    spec = (g, hidden, plan)
     return _GroupedExpertMLP.apply(seq, token_weights, spec, mlp.w1, mlp.b1, mlp.w2, mlp.b2, mlp.w_gate, mlp.b_gate)
