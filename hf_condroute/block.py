@@ -30,6 +30,7 @@ class RoutingInputs:
     keys: torch.Tensor | None = None  # (B,) per-example hash keys, or (B, L) per-token ones (replace token_ids)
     token_ids: torch.Tensor | None = None  # (B, L) token ids, the keys of per-token hash routing
     step: RoutingStep | None = None  # where decisions and losses are recorded (None: not recorded)
+    mask_full: bool | None = None  # the whole mask is ones (known once per forward; None: each block checks)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -177,7 +178,7 @@ class RoutedBlock(nn.Module):
             token_ids = match_rows(inputs.token_ids, batch, "input_ids", name, dev)
             token_ids = token_ids[:, -length:] if token_ids is not None else None
         # every token a row (no padding): views in token order, not a gather and a scatter of the whole sequence
-        every_token = mask is None or bool(row_mask.all())
+        every_token = mask is None or inputs.mask_full or bool(row_mask.all())
         if every_token:
             # one token per example (decoding with the cache): row r is example r, which None says (no tensor)
             row_example = None if length == 1 else torch.arange(batch, device=dev).repeat_interleave(length)

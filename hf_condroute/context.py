@@ -95,6 +95,7 @@ class ModelRoutingState:
         self.keys_explicit = False
         self.labels: torch.Tensor | None = None
         self.masks: dict[str, torch.Tensor | None] = {"self": None, "encoder": None, "decoder": None}
+        self._full_masks: dict[str, tuple] = {}  # side -> (mask, its version, whether all ones)
         self.token_ids: dict[str, torch.Tensor | None] = {"self": None, "encoder": None, "decoder": None}
         self.encoder_pooled: torch.Tensor | None = None
         self._inside_forward = False
@@ -181,12 +182,30 @@ class ModelRoutingState:
             keys = self.keys if self.keys_explicit and side != "decoder" else None
         return RoutingInputs(
             mask=self.masks[side],
+            mask_full=self._mask_full(side),
             pooled=pooled,
             tags=self.tags,
             keys=keys,
             token_ids=self.token_ids[key_side],
             step=self.step,
         )
+
+    def _mask_full(self, side: str) -> bool | None:
+        """Whether `side`'s whole mask is ones, checked once per mask (and in-place change), not in every block: a
+        host sync per layer otherwise, and a few ops per layer and token in decoding."""
+        mask = self.masks[side]
+        if mask is None:
+            return None
+        try:
+            version = mask._version
+        except RuntimeError:  # an inference-mode tensor has no version counter: not cached
+            return bool(mask.all())
+        seen = self._full_masks.get(side)
+        if seen is not None and seen[0] is mask and seen[1] == version:
+            return seen[2]
+        full = bool(mask.all())
+        self._full_masks[side] = (mask, version, full)
+        return full
 
     # ----- hooks ------------------------------------------------------------------------------------
     def _take_routing_kwargs(self, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -238,6 +238,23 @@ def test_a_shared_router_routes_once_per_layer(sharing):
 
 
 # ----- generation, saving, checkpointing --------------------------------------------------------------
+def test_a_mask_changed_in_place_between_forwards_is_read_again():
+    # whether a mask is all ones is checked once per mask, not in every block: an in-place change must count
+    model = routed(make_llama(), init_lora_weights=False, target_modules="all-linear").eval()
+    ids = llama_batch(batch=2)["input_ids"]
+    mask = torch.ones_like(ids)
+    name = "model.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        assert bool((hf_condroute.get_routing(model)[name].experts >= 0).all())
+        mask[1, :3] = 0
+        in_place = model(input_ids=ids, attention_mask=mask).logits
+        routed_tokens = (hf_condroute.get_routing(model)[name].experts >= 0).all(-1)
+        assert torch.equal(routed_tokens, mask.bool())  # padding gets no expert
+        fresh = model(input_ids=ids, attention_mask=mask.clone()).logits
+    assert torch.equal(in_place, fresh)
+
+
 @pytest.mark.parametrize("router", ["top_k", "hash"])
 def test_generation_with_the_kv_cache_equals_a_no_cache_recomputation(router):
     model = routed(

@@ -375,3 +375,16 @@ def test_batchnorm_router_refuses_single_row_in_training():
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RoutingConfig(**kwargs).validate_routing()
+
+
+def test_router_logits_are_float32_under_autocast_and_divided_by_the_temperature():
+    x = torch.randn(5, D)
+    plain = make("top_k").eval()
+    reference = plain.network(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = plain.compute_logits(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)  # autocast is off inside the router
+    hot = make("top_k", router_temperature=2.0).eval()
+    hot.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(hot.compute_logits(x), reference / 2.0, rtol=0, atol=0)

@@ -143,7 +143,9 @@ class Router(nn.Module):
             )
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        return run_in_float32(self.network, x) / self.config.router_temperature
+        logits = run_in_float32(self.network, x)
+        temperature = self.config.router_temperature
+        return logits if temperature == 1.0 else logits / temperature
 
     def forward(self, x: torch.Tensor, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
         logits = self.compute_logits(x)
@@ -214,7 +216,10 @@ class Router(nn.Module):
 def run_in_float32(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """network(x) in the network's dtype (float32, see `Router._apply`; float64 after `.double()`), autocast off, as
     a float32 result: transformers' Switch router computes the same way."""
-    dtype = next(network.parameters()).dtype
+    weight = getattr(network, "proj", None)  # RouterNetwork: its Linear (walking parameters() costs per call)
+    dtype = weight.weight.dtype if isinstance(weight, nn.Linear) else next(network.parameters()).dtype
+    if not torch.is_autocast_enabled(x.device.type):  # entering autocast costs more than a decoding step's router
+        return network(x.to(dtype)).float()
     with torch.autocast(x.device.type, enabled=False):
         return network(x.to(dtype)).float()
 
