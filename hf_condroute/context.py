@@ -95,7 +95,7 @@ class ModelRoutingState:
         self.keys_explicit = False
         self.labels: torch.Tensor | None = None
         self.masks: dict[str, torch.Tensor | None] = {"self": None, "encoder": None, "decoder": None}
-        self._full_masks: dict[str, tuple] = {}  # side -> (mask, its version, whether all ones)
+        self._masks_full: dict[str, bool] = {}  # side -> whether its mask is all ones, once per mask set
         self.token_ids: dict[str, torch.Tensor | None] = {"self": None, "encoder": None, "decoder": None}
         self.encoder_pooled: torch.Tensor | None = None
         self._inside_forward = False
@@ -190,21 +190,19 @@ class ModelRoutingState:
             step=self.step,
         )
 
+    def _set_mask(self, side: str, mask: torch.Tensor | None) -> None:
+        self.masks[side] = mask
+        self._masks_full.pop(side, None)
+
     def _mask_full(self, side: str) -> bool | None:
-        """Whether `side`'s whole mask is ones, checked once per mask (and in-place change), not in every block: a
-        host sync per layer otherwise, and a few ops per layer and token in decoding."""
+        """Whether `side`'s whole mask is ones, checked once per mask set by a forward, not in every block: a host
+        sync per layer otherwise, and a few ops per layer and token in decoding."""
         mask = self.masks[side]
         if mask is None:
             return None
-        try:
-            version = mask._version
-        except RuntimeError:  # an inference-mode tensor has no version counter: not cached
-            return bool(mask.all())
-        seen = self._full_masks.get(side)
-        if seen is not None and seen[0] is mask and seen[1] == version:
-            return seen[2]
-        full = bool(mask.all())
-        self._full_masks[side] = (mask, version, full)
+        full = self._masks_full.get(side)
+        if full is None:
+            full = self._masks_full[side] = bool(mask.all())
         return full
 
     # ----- hooks ------------------------------------------------------------------------------------
@@ -264,10 +262,10 @@ class ModelRoutingState:
         self.labels = kwargs.get("labels")
         if self.is_encoder_decoder:
             if input_ids is not None or encoder_outputs is not None:
-                self.masks["encoder"] = mask
+                self._set_mask("encoder", mask)
             if input_ids is not None:
                 self.token_ids["encoder"] = input_ids
-            self.masks["decoder"] = kwargs.get("decoder_attention_mask")
+            self._set_mask("decoder", kwargs.get("decoder_attention_mask"))
             self.token_ids["decoder"] = kwargs.get("decoder_input_ids")
             if encoder_outputs is not None:
                 hidden = (
@@ -277,7 +275,7 @@ class ModelRoutingState:
                 )
                 self.encoder_pooled = masked_mean(hidden.detach(), mask)
         else:
-            self.masks["self"] = mask
+            self._set_mask("self", mask)
             self.token_ids["self"] = input_ids
         return args, kwargs
 
@@ -306,7 +304,7 @@ class ModelRoutingState:
             self._set_keys(keys, input_ids, mask, continuing=False)
         elif tags is not None:
             self.tags = tags
-        self.masks["encoder"] = mask
+        self._set_mask("encoder", mask)
         self.token_ids["encoder"] = input_ids
         return args, kwargs
 
@@ -317,6 +315,6 @@ class ModelRoutingState:
 
     def _pre_decoder(self, module, args, kwargs):
         self._take_routing_kwargs(kwargs)
-        self.masks["decoder"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self._set_mask("decoder", kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
         self.token_ids["decoder"] = kwargs.get("input_ids", args[0] if args else None)
         return args, kwargs

@@ -8,6 +8,7 @@ BatchNorm + Linear (+ softmax), and the generic auxiliary terms; each family onl
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -63,6 +64,10 @@ class RouterNetwork(nn.Module):
         if init_std is not None:
             nn.init.normal_(self.proj.weight, std=init_std)
             nn.init.zeros_(self.proj.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:  # read per call by `run_in_float32`: cheaper than walking parameters()
+        return self.proj.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return batchnorm_linear(self.norm, self.proj, x)  # in training one fused node (see `norm`)
@@ -216,11 +221,10 @@ class Router(nn.Module):
 def run_in_float32(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """network(x) in the network's dtype (float32, see `Router._apply`; float64 after `.double()`), autocast off, as
     a float32 result: transformers' Switch router computes the same way."""
-    weight = getattr(network, "proj", None)  # RouterNetwork: its Linear (walking parameters() costs per call)
-    dtype = weight.weight.dtype if isinstance(weight, nn.Linear) else next(network.parameters()).dtype
-    if not torch.is_autocast_enabled(x.device.type):  # entering autocast costs more than a decoding step's router
-        return network(x.to(dtype)).float()
-    with torch.autocast(x.device.type, enabled=False):
+    dtype = network.dtype if isinstance(network, RouterNetwork) else next(network.parameters()).dtype
+    # entering autocast's context costs more than a decoding step's router: only when autocast is on
+    off = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
+    with off:
         return network(x.to(dtype)).float()
 
 
