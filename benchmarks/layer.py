@@ -35,12 +35,12 @@ from common import (  # noqa: E402
     timing_headers,
 )
 
-from hf_condroute.block import RoutedBlock, RoutingInputs  # noqa: E402
+from hf_condroute.block.routed_block import RoutedBlock, RoutingInputs  # noqa: E402
+from hf_condroute.block.step import RoutingStep  # noqa: E402
 from hf_condroute.experts import AdapterBank, LoraBank, dispatch, expert_mlp  # noqa: E402
 from hf_condroute.moebert.bank import FFNSliceBank  # noqa: E402
 from hf_condroute.routers import build_router  # noqa: E402
-from hf_condroute.routing_config import RoutingConfig  # noqa: E402
-from hf_condroute.step import RoutingStep  # noqa: E402
+from hf_condroute.routers.config import RoutingConfig  # noqa: E402
 
 BASELINE = "monolithic adapter"
 

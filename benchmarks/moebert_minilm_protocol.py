@@ -41,7 +41,7 @@ from moebert_minilm_fidelity import (  # noqa: E402
 )
 
 from hf_condroute.moebert import hidden_state_gap  # noqa: E402
-from hf_condroute.moesart_bench.report import mean_sem  # noqa: E402
+from hf_condroute.studies.moesart_bench.report import mean_sem  # noqa: E402
 
 METRICS = ("relative_error", "relative_error_last_layer", "pooled_cosine")
 

@@ -1,6 +1,6 @@
 """MoEBERT for question answering on the real MiniLM (all-MiniLM-L6-v2): how close the routed model's start and
 end logits (and answers) stay to the dense model's, before and after a short self-distillation with the SQuAD
-pieces of `recipes/moebert.py --task squad` (`hf_condroute.squad`, `DistillationTrainer`'s KL of the start and
+pieces of `recipes/moebert.py --task squad` (`hf_condroute.studies.squad`, `DistillationTrainer`'s KL of the start and
 end logits plus the hidden-state MSE).
 
 MiniLM is a sentence encoder, not fine-tuned for QA: its span head (`BertForQuestionAnswering.qa_outputs`) is
@@ -51,7 +51,7 @@ from transformers import (
 
 from hf_condroute import RoutedFFNConfig
 from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores, logit_gap
-from hf_condroute.squad import (
+from hf_condroute.studies.squad import (
     answer_agreement,
     eval_features,
     extract_answers,

@@ -6,26 +6,29 @@ Importing it registers the PEFT types `ROUTED_ADAPTER`, `ROUTED_FFN` and `ROUTED
 
 from __future__ import annotations
 
-from .api import get_routing, get_routing_losses, last_step, routing_loss, set_reward
-from .block import RoutedBlock, RoutingInputs
-from .callbacks import RoutingStatsCallback
+from importlib.metadata import version
+
+from . import _moved
+from .block import RoutedBlock, RoutingInputs, RoutingStep
+from .block.api import get_routing, get_routing_losses, last_step, routing_loss, set_reward
+from .block.multigate import MultiGateBlock
 from .experts import AdapterBank, EmbeddingBank, ExpertBank, LoraBank
-from .hub import save_routing_stats
-from .local_search import LocalSearchCallback, LocalSearchResult, local_search, relabel_experts
-from .metrics import active_subnetworks, focus_cover, routing_focus_cover, tag_presence
-from .multigate import MultiGateBlock
+from .integrations.callbacks import RoutingStatsCallback
+from .integrations.local_search import LocalSearchCallback, LocalSearchResult, local_search, relabel_experts
 from .routers import ROUTERS, Router, RoutingDecision, build_router, register_router
-from .routing_config import RoutingConfig
+from .routers.config import RoutingConfig
 from .stats import RoutingStats, RoutingStatsAccumulator, compute_routing_stats, get_routing_stats, set_routing_stats
-from .step import RoutingStep
+from .stats.hub import save_routing_stats
+from .stats.metrics import active_subnetworks, focus_cover, routing_focus_cover, tag_presence
 from .tuners.peft_patches import ROUTED_ADAPTER, ROUTED_FFN, ROUTED_LORA, apply_peft_patches
 from .tuners.routed_adapter import RoutedAdapterConfig, RoutedAdapterModel
 from .tuners.routed_ffn import RoutedFFNConfig, RoutedFFNModel
 from .tuners.routed_lora import RoutedLoraConfig, RoutedLoraModel
 
 apply_peft_patches()
+_moved.install()  # 0.2.0 module paths (hf_condroute.block, .metrics, ...) still import
 
-__version__ = "0.2.0"
+__version__ = version("hf-condroute")  # pyproject.toml's, as installed
 
 __all__ = [
     "ROUTED_ADAPTER",

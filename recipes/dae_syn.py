@@ -6,7 +6,8 @@
 
 Rows: tag, hash, monolithic, top_k, st_gumbel, reinforce, moesart; ROUTER+sup1/sup10/sup100 (tag supervision on
 that percentage of the images) and ROUTER+init (experts and decoder from the tag row) for the learned routers.
-The full default study writes <output-dir>/dae_syn.{json,md,png}; --quick writes dae_syn_quick.*, any other run
+The full default study writes <output-dir>/dae_syn.{json,md,png}; --quick writes dae_syn_quick.* (into runs/, ignored by
+git, unless --output-dir is given), any other run
 dae_syn_custom.*, so a partial run never replaces the full study's results.
 """
 
@@ -16,11 +17,11 @@ import argparse
 import os
 import time
 
-from hf_condroute.cli import run_recipe, usage_errors
-from hf_condroute.dae_syn.model import DAEConfig
-from hf_condroute.dae_syn.report import markdown_table, write_outputs
-from hf_condroute.dae_syn.runner import run_study
-from hf_condroute.dae_syn.study import Row, TrainSettings, default_rows, summarize
+from hf_condroute.studies.cli import output_dir, run_recipe, usage_errors
+from hf_condroute.studies.dae_syn.model import DAEConfig
+from hf_condroute.studies.dae_syn.report import markdown_table, write_outputs
+from hf_condroute.studies.dae_syn.runner import run_study
+from hf_condroute.studies.dae_syn.study import Row, TrainSettings, default_rows, summarize
 
 DEFAULTS = TrainSettings()
 QUICK_STEPS = 30
@@ -38,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--image-size", type=int, default=DEFAULTS.model.image_size, choices=(32, 64))
     p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam learning rate (peak of the schedule)")
-    p.add_argument("--output-dir", default="results")
+    p.add_argument(
+        "--output-dir", default=None, help="where to write (default: results/; with --quick: runs/, ignored by git)"
+    )
     p.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default: up to 2)"
     )
@@ -66,7 +69,7 @@ def main(argv=None) -> dict:
     per_seed = run_study(rows, seeds, settings, workers=args.workers, progress=not args.no_progress)
     wall = time.perf_counter() - start
     summary = {name: summarize(scores) for name, scores in per_seed.items()}
-    written = write_outputs(summary, settings, args.workers, wall, args.output_dir, stem)
+    written = write_outputs(summary, settings, args.workers, wall, output_dir(args.output_dir, args.quick), stem)
     print(markdown_table(summary))
     print(f"\nwall time {wall / 60:.1f} min; wrote {', '.join(written)}")
     return summary

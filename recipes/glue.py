@@ -42,19 +42,19 @@ from transformers import (
 
 import hf_condroute
 from hf_condroute import RoutedAdapterConfig, RoutingStatsCallback, get_routing_stats
-from hf_condroute.cli import run_recipe, usage_errors
-from hf_condroute.distributed import (
+from hf_condroute.integrations.distributed import (
     SyncRouterStatisticsCallback,
     allow_fsdp2_on_cpu,
     check_process_count,
     share_tied_embedding_module,
 )
-from hf_condroute.glue import GLUE_TASK_NAMES, get_task, get_tasks, load_glue, take
-from hf_condroute.glue.seq2seq import GlueEvalSet, GlueSeq2SeqTrainer
-from hf_condroute.glue.text_to_text import tokenize_for_t5
+from hf_condroute.integrations.trainer_loss import RoutedTokenLoss
+from hf_condroute.integrations.warm_start import check_expert_checkpoint, load_experts_from
 from hf_condroute.routers import router_class
-from hf_condroute.trainer_loss import RoutedTokenLoss
-from hf_condroute.warm_start import check_expert_checkpoint, load_experts_from
+from hf_condroute.studies.cli import run_recipe, usage_errors
+from hf_condroute.studies.glue import GLUE_TASK_NAMES, get_task, get_tasks, load_glue, take
+from hf_condroute.studies.glue.seq2seq import GlueEvalSet, GlueSeq2SeqTrainer
+from hf_condroute.studies.glue.text_to_text import tokenize_for_t5
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ The three steps of MoEBERT's code (Zuo et al. 2022), as paper B ran them:
 3. distillation with the Trainer: task loss + `--distill_coef` x (MSE of every layer's hidden states + KL of the
    logits, MSE for STS-B) against the same model with its adapters disabled, i.e. the dense teacher.
 Only the experts, routers and classifier (QA: span head) train (the rest is the teacher's). Evaluation uses
-the task's official metric: GLUE's, or SQuAD's exact match / F1 (`hf_condroute.squad`: windows with a stride
+the task's official metric: GLUE's, or SQuAD's exact match / F1 (`hf_condroute.studies.squad`: windows with a stride
 over long contexts, n-best answer extraction with a maximum answer length and, for v2.0, the no-answer
 threshold); `all_results.json` has the teacher's, the converted model's (before distillation) and the distilled
 model's metrics, how far their hidden states and logits are from the teacher's (for SQuAD also their answers),
@@ -47,17 +47,17 @@ from transformers import (
 )
 
 from hf_condroute import RoutedFFNConfig, RoutingConfig, RoutingStatsCallback
-from hf_condroute.cli import run_recipe, usage_errors
-from hf_condroute.distributed import SyncRouterStatisticsCallback, all_reduce_, check_process_count
-from hf_condroute.glue import get_task
+from hf_condroute.integrations.distributed import SyncRouterStatisticsCallback, all_reduce_, check_process_count
 from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores, logit_gap, plan_conversion
-from hf_condroute.moebert.task_runs import TaskRun, glue_run, squad_run
-from hf_condroute.squad import (
+from hf_condroute.stats import compute_routing_stats
+from hf_condroute.studies.cli import run_recipe, usage_errors
+from hf_condroute.studies.glue import get_task
+from hf_condroute.studies.moebert_tasks import TaskRun, glue_run, squad_run
+from hf_condroute.studies.squad import (
     SQUAD_VERSIONS,
     answer_agreement,
     get_squad_version,
 )
-from hf_condroute.stats import compute_routing_stats
 
 logger = logging.getLogger(__name__)
 

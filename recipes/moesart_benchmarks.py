@@ -9,8 +9,9 @@ one-sided unpaired t-test of each table's tested row against its best competitor
     python recipes/moesart_benchmarks.py --dataset multi_mnist --data_dir ...   # the paper's data sets
 
 Default data: Multi-Digits (paper B's Multi-MNIST construction on scikit-learn's real handwritten digits) and a
-recommender stand-in generated from a latent-factor model (hf_condroute/moesart_bench/recsys.py).
-The default run writes <output-dir>/moesart_benchmarks.{json,md} and PNGs; --quick writes moesart_benchmarks_quick.*,
+recommender stand-in generated from a latent-factor model (hf_condroute/studies/moesart_bench/recsys.py).
+The default run writes <output-dir>/moesart_benchmarks.{json,md} and PNGs; --quick writes moesart_benchmarks_quick.*
+(into runs/, ignored by git, unless --output-dir is given),
 --steps N moesart_benchmarks_steps<N>.*, any other run moesart_benchmarks_custom.*, so a partial run never replaces
 the default run's results. Each finished run is logged in <stem>.runs.jsonl: run the same command again to resume
 an interrupted study.
@@ -23,10 +24,10 @@ import os
 import shlex
 import sys
 
-from hf_condroute.cli import run_recipe, usage_errors
-from hf_condroute.moesart_bench.benchmark import BENCHMARKS, DEFAULT_BENCHMARKS
-from hf_condroute.moesart_bench.experiments import TABLES
-from hf_condroute.moesart_bench.study import run_study
+from hf_condroute.studies.cli import output_dir, run_recipe, usage_errors
+from hf_condroute.studies.moesart_bench.benchmark import BENCHMARKS, DEFAULT_BENCHMARKS
+from hf_condroute.studies.moesart_bench.experiments import TABLES
+from hf_condroute.studies.moesart_bench.study import run_study
 
 DEFAULT_SEEDS, DEFAULT_TRIALS = 20, 4
 QUICK_SEEDS, QUICK_TRIALS = 2, 2
@@ -62,7 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--output-dir", default="results")
+    p.add_argument(
+        "--output-dir", default=None, help="where to write (default: results/; with --quick: runs/, ignored by git)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 seeds, 2 trials per router")
     return p.parse_args(argv)
 
@@ -107,7 +110,7 @@ def main(argv=None) -> dict:
         trials,
         args.workers,
         args.threads,
-        args.output_dir,
+        output_dir(args.output_dir, args.quick),
         stem,
         tables,
         steps=args.steps,

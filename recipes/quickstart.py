@@ -31,7 +31,7 @@ from transformers.trainer_callback import ProgressCallback  # noqa: E402
 
 import hf_condroute  # noqa: E402
 from hf_condroute import RoutedAdapterConfig  # noqa: E402
-from hf_condroute.metrics import routing_focus_cover  # noqa: E402
+from hf_condroute.stats.metrics import routing_focus_cover  # noqa: E402
 
 PAD, EOS, FIRST_SYMBOL, SYMBOLS, LENGTH = 0, 1, 8, 16, 6
 TASKS = ["max", "min"]

@@ -9,14 +9,14 @@ subnet init, 3 seeds, one command, no downloads.
 Rows: tag, hash, monolithic, top_k, st_gumbel, reinforce, moesart, dselect_k, smear; ROUTER+sup1/sup10/sup100
 (tag supervision on that percentage of the training images) and ROUTER+init (experts and classifier from the
 same seed's tag run, fresh routers, as many steps again) for the six learned routers. The full default study
-writes <output-dir>/res_dom.{json,md,png}; --quick writes res_dom_quick.*, any other run res_dom_custom.*, so a
-partial run never replaces the full study's results.
+writes <output-dir>/res_dom.{json,md,png}; --quick writes res_dom_quick.* (into runs/, ignored by git, unless
+--output-dir is given), any other run res_dom_custom.*, so a partial run never replaces the full study's results.
 
-Choices (each one a flag or a default in hf_condroute/res_dom/):
+Choices (each one a flag or a default in hf_condroute/studies/res_dom/):
 
 - Data: scikit-learn's 1,797 bundled digits (the only real images available offline), 10 classes, upsampled to
   32x32 and rendered in six domains playing DomainNet's roles (real, clipart, infograph, painting, quickdraw,
-  sketch; `hf_condroute/res_dom/data.py`). Every rendering is blended with the same digit in another random
+  sketch; `hf_condroute/studies/res_dom/data.py`). Every rendering is blended with the same digit in another random
   domain with a weight U(0, --overlap); the default 0.55 makes the domains overlap so that a ResNet reads the
   domain with roughly the 85% accuracy paper A measured on DomainNet (measured and reported on every run).
   A third of the digit images (599) are held out for pretraining; of the rest, 80% train and 20% test (split
@@ -26,7 +26,7 @@ Choices (each one a flag or a default in hf_condroute/res_dom/):
   residual blocks), narrowed to widths 16-32-64-128 (embedding 16) for the CPU. Pretrained, all weights, for 400
   steps (batch 64, AdamW lr 3e-3) on the held-out third rendered in the real domain only, as ImageNet is a
   photo data set for DomainNet: a disjoint set of images, the same 10 digit classes. Cached with
-  `save_pretrained` under --cache-dir (default ~/.cache/hf_condroute/res_dom/<hash of settings and data>),
+  `save_pretrained` under --cache-dir (default ~/.cache/hf_condroute/studies/res_dom/<hash of settings and data>),
   then frozen. Its BatchNorm layers run in training mode while the adapters train (as with any adapter on a
   frozen ResNet through the stock Trainer), so their running statistics follow the six domains.
 - Adapters: `RoutedAdapterConfig(target_modules=None)` - the architecture table's default for ResNet, the 8
@@ -58,14 +58,19 @@ import time
 import torch
 import transformers
 
-from hf_condroute.cli import run_recipe, usage_errors
-from hf_condroute.res_dom.data import DEFAULT_OVERLAP, make_splits
-from hf_condroute.res_dom.loaders import load_domain_dataset, load_image_folder, split_by_fraction
-from hf_condroute.res_dom.model import DEFAULT_CACHE, AdapterSettings, BackboneSettings, load_or_pretrain_backbone
-from hf_condroute.res_dom.probe import domain_accuracy
-from hf_condroute.res_dom.report import markdown_table, write_outputs
-from hf_condroute.res_dom.runner import run_study
-from hf_condroute.res_dom.study import Row, TrainSettings, default_rows, summarize
+from hf_condroute.studies.cli import output_dir, run_recipe, usage_errors
+from hf_condroute.studies.res_dom.data import DEFAULT_OVERLAP, make_splits
+from hf_condroute.studies.res_dom.loaders import load_domain_dataset, load_image_folder, split_by_fraction
+from hf_condroute.studies.res_dom.model import (
+    DEFAULT_CACHE,
+    AdapterSettings,
+    BackboneSettings,
+    load_or_pretrain_backbone,
+)
+from hf_condroute.studies.res_dom.probe import domain_accuracy
+from hf_condroute.studies.res_dom.report import markdown_table, write_outputs
+from hf_condroute.studies.res_dom.runner import run_study
+from hf_condroute.studies.res_dom.study import Row, TrainSettings, default_rows, summarize
 
 DEFAULTS = TrainSettings()
 QUICK_STEPS = 15
@@ -124,7 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--domain_column", default="domain")
     p.add_argument("--max-samples", type=int, default=None, help="--dataset: at most this many images per split")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--output-dir", default="results")
+    p.add_argument(
+        "--output-dir", default=None, help="where to write (default: results/; with --quick: runs/, ignored by git)"
+    )
     p.add_argument("--quick", action="store_true", help=f"every row, 1 seed, {QUICK_STEPS} steps: a smoke test")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -222,7 +229,7 @@ def main(argv=None) -> dict:
             f"wall time {wall / 60:.1f} min."
         ),
     }
-    written = write_outputs(summary, meta, args.output_dir, stem)
+    written = write_outputs(summary, meta, output_dir(args.output_dir, args.quick), stem)
     print(markdown_table(summary))
     print(f"\nwall time {wall / 60:.1f} min; wrote {', '.join(written)}")
     return {"rows": summary, "meta": meta}

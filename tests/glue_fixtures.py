@@ -11,8 +11,8 @@ import random
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from hf_condroute.glue import GLUE_TASKS, GlueTask
-from hf_condroute.glue.text_to_text import source_text, target_vocabulary
+from hf_condroute.studies.glue import GLUE_TASKS, GlueTask
+from hf_condroute.studies.glue.text_to_text import source_text, target_vocabulary
 
 WORDS = "the a cat dog bird sat ran flew on under mat tree house red blue green small big".split()
 POSITIVE, NEGATIVE = "good great fine".split(), "bad awful poor".split()

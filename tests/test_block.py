@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_condroute import AdapterBank, RoutedBlock, RoutingConfig, RoutingInputs, RoutingStep, build_router
-from hf_condroute.block import masked_mean
+from hf_condroute.block.routed_block import masked_mean
 
 D, N = 8, 4
 

@@ -10,14 +10,14 @@ from torch import nn
 
 import hf_condroute
 from hf_condroute import RoutedAdapterConfig
-from hf_condroute.block import RoutedBlock, RoutingInputs
-from hf_condroute.capacity import expert_capacity, limit_capacity
+from hf_condroute.block.routed_block import RoutedBlock, RoutingInputs
+from hf_condroute.block.step import RoutingStep
 from hf_condroute.experts import AdapterBank
 from hf_condroute.routers import build_router
 from hf_condroute.routers.base import RoutingDecision
-from hf_condroute.routing_config import RoutingConfig
+from hf_condroute.routers.capacity import expert_capacity, limit_capacity
+from hf_condroute.routers.config import RoutingConfig
 from hf_condroute.stats import RoutingStatsAccumulator
-from hf_condroute.step import RoutingStep
 
 D = 6
 
@@ -58,7 +58,7 @@ def test_rows_over_capacity_get_nothing_and_the_rest_are_unchanged():
     chosen = free.router(x.mean(dim=1)).experts[:, 0]
     first = {int(e): int((chosen == e).nonzero()[0]) for e in chosen.unique()}  # each expert's first example
     kept = torch.tensor([i in first.values() for i in range(5)])
-    decision = hf_condroute.step.RoutingRecord.user_decision(step.records["b"])
+    decision = hf_condroute.block.step.RoutingRecord.user_decision(step.records["b"])
     assert decision.experts[:, 0].tolist() == [int(chosen[i]) if kept[i] else -1 for i in range(5)]
     assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))  # the base output passes through unchanged
     torch.testing.assert_close(out[kept], reference[kept], rtol=0, atol=0)

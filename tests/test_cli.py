@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hf_condroute.cli import run_recipe, usage_errors
+from hf_condroute.studies.cli import run_recipe, usage_errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,8 +9,8 @@ from dataclasses import fields
 import pytest
 
 from hf_condroute import RoutedAdapterConfig, RoutedFFNConfig, RoutedLoraConfig
-from hf_condroute.routing_config import RoutingConfig
-from hf_condroute.validation import (
+from hf_condroute.routers.config import RoutingConfig
+from hf_condroute.routers.validation import (
     Choice,
     ConfigError,
     ConfigTypeError,

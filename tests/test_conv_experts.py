@@ -13,11 +13,11 @@ from transformers import ResNetConfig, ResNetForImageClassification, Trainer, Tr
 
 import hf_condroute
 from hf_condroute import RoutedAdapterConfig
-from hf_condroute.block import RoutedBlock
+from hf_condroute.block.feature_maps import feature_map_rows, route_feature_map, rows_to_feature_map
+from hf_condroute.block.routed_block import RoutedBlock
 from hf_condroute.experts import AdapterBank
-from hf_condroute.feature_maps import feature_map_rows, route_feature_map, rows_to_feature_map
 from hf_condroute.routers import build_router
-from hf_condroute.routing_config import RoutingConfig
+from hf_condroute.routers.config import RoutingConfig
 
 C, R, N = 5, 4, 3
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_condroute.dae_syn.data import FACTORS, NUM_VALUES, DAESynData, make_dataset, render_image
-from hf_condroute.dae_syn.model import DAEConfig, DiscreteAutoencoder, routing_configs
-from hf_condroute.dae_syn.report import write_outputs
-from hf_condroute.dae_syn.study import (
+from hf_condroute.block.step import RoutingStep
+from hf_condroute.studies.dae_syn.data import FACTORS, NUM_VALUES, DAESynData, make_dataset, render_image
+from hf_condroute.studies.dae_syn.model import DAEConfig, DiscreteAutoencoder, routing_configs
+from hf_condroute.studies.dae_syn.report import write_outputs
+from hf_condroute.studies.dae_syn.study import (
     HEURISTIC_ROUTERS,
     LEARNED_ROUTERS,
     Row,
@@ -29,7 +30,6 @@ from hf_condroute.dae_syn.study import (
     supervised_tags,
     train,
 )
-from hf_condroute.step import RoutingStep
 
 from .recipe_loader import load_recipe
 
@@ -70,7 +70,7 @@ def test_dataset_is_deterministic_and_factors_show_in_pixels(data):
     # the background factor is the colour of a corner pixel far from every letter position; the letter colour occurs
     i = int(((data.tags == torch.tensor([2, 0, 5, 3])).all(1)).nonzero())
     img = (data.images[i] * 255).round().permute(1, 2, 0).reshape(-1, 3)
-    from hf_condroute.dae_syn.data import BACKGROUND, FOREGROUND
+    from hf_condroute.studies.dae_syn.data import BACKGROUND, FOREGROUND
 
     assert tuple(img[0].int().tolist()) == BACKGROUND[3]
     assert (img == torch.tensor(FOREGROUND[5], dtype=img.dtype)).all(1).any()

@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
-from hf_condroute.distributed import check_process_count, share_tied_embedding_module
+from hf_condroute.integrations.distributed import check_process_count, share_tied_embedding_module
 
 from .conftest import make_t5
 from .glue_fixtures import save_tiny_glue, save_tiny_t5
@@ -125,7 +125,7 @@ class _Args:
 
 
 def test_fsdp_requests_that_still_fall_back_to_ddp_warn(monkeypatch, recwarn):
-    import hf_condroute.distributed as distributed
+    import hf_condroute.integrations.distributed as distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -134,7 +134,7 @@ def test_fsdp_requests_that_still_fall_back_to_ddp_warn(monkeypatch, recwarn):
         check_process_count(_Args(DistributedType.MULTI_CPU))
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setattr(distributed, "_CPU_FSDP2_ALLOWED", False)
-    with pytest.warns(UserWarning, match=r"did not call `hf_condroute.distributed.allow_fsdp2_on_cpu\(\)`"):
+    with pytest.warns(UserWarning, match=r"did not call `hf_condroute.integrations.distributed.allow_fsdp2_on_cpu"):
         check_process_count(_Args(DistributedType.MULTI_CPU))
     recwarn.clear()
     monkeypatch.setattr(distributed, "_CPU_FSDP2_ALLOWED", True)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from datasets import load_from_disk
 
-from hf_condroute.glue import (
+from hf_condroute.studies.glue import (
     GLUE_TASK_NAMES,
     GlueDataError,
     get_task,
@@ -18,7 +18,7 @@ from hf_condroute.glue import (
     take,
     task_metrics,
 )
-from hf_condroute.glue.text_to_text import parse_prediction, source_text, target_text
+from hf_condroute.studies.glue.text_to_text import parse_prediction, source_text, target_text
 
 from .glue_fixtures import save_tiny_glue, tiny_glue
 

@@ -18,9 +18,9 @@ from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
-from hf_condroute.distributed import check_process_count
-from hf_condroute.glue import GLUE_TASK_NAMES, glue_average
-from hf_condroute.warm_start import load_experts_from
+from hf_condroute.integrations.distributed import check_process_count
+from hf_condroute.integrations.warm_start import load_experts_from
+from hf_condroute.studies.glue import GLUE_TASK_NAMES, glue_average
 
 from .glue_fixtures import save_tiny_glue, save_tiny_t5
 from .recipe_loader import load_recipe
@@ -262,7 +262,7 @@ def test_two_processes_reinforce_stays_in_sync(assets, tmp_path):
 
 def test_push_to_hub_sends_the_card_metadata_and_routing_files(assets, tmp_path, monkeypatch):
     # the Hub cannot be reached: stop at the Trainer's boundary and check what would be uploaded
-    from hf_condroute.glue.seq2seq import GlueSeq2SeqTrainer
+    from hf_condroute.studies.glue.seq2seq import GlueSeq2SeqTrainer
 
     pushes = []
     monkeypatch.setattr(GlueSeq2SeqTrainer, "init_hf_repo", lambda self, token=None: None)

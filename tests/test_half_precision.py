@@ -15,7 +15,7 @@ from peft import get_peft_model
 
 import hf_condroute
 from hf_condroute import ROUTERS, RoutedAdapterConfig, RoutedFFNConfig, RoutedLoraConfig
-from hf_condroute.block import ROUTER_KEY
+from hf_condroute.block.routed_block import ROUTER_KEY
 
 from .conftest import bert_batch, llama_batch, make_bert, make_llama, make_t5, t5_batch, top_k_for
 

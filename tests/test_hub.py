@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import Trainer, TrainingArguments
 
 from hf_condroute import RoutedAdapterConfig, RoutingStatsCallback, compute_routing_stats
-from hf_condroute.hub import CARD_END, CARD_START, ROUTING_STATS_NAME, load_routing_stats, routing_stats_dict
+from hf_condroute.stats.hub import CARD_END, CARD_START, ROUTING_STATS_NAME, load_routing_stats, routing_stats_dict
 
 from .analytics_helpers import collate, tagged_seq2seq, tiny_bert_model, tiny_t5, tiny_t5_model
 from .conftest import make_bert
@@ -216,7 +216,7 @@ def test_push_to_hub_keeps_the_hub_card_text(tagged_model):
 
 
 def test_a_missing_template_never_fails_a_save(tagged_model, tmp_path, monkeypatch):
-    from hf_condroute import hub
+    from hf_condroute.stats import hub
 
     def missing():
         raise FileNotFoundError("Model card template routed_model_card.md is missing.")

@@ -31,8 +31,8 @@ from transformers import (  # noqa: E402
 
 import hf_condroute  # noqa: E402
 from hf_condroute import RoutedAdapterConfig, RoutedFFNConfig  # noqa: E402
+from hf_condroute.experts.quantized import dequantized_weight, is_quantized  # noqa: E402
 from hf_condroute.moebert import find_ffns, importance_scores  # noqa: E402
-from hf_condroute.quantized import dequantized_weight, is_quantized  # noqa: E402
 from hf_condroute.tuners.routed_adapter import RoutedAdapterLayer  # noqa: E402
 from hf_condroute.tuners.routed_ffn import RoutedFFN  # noqa: E402
 

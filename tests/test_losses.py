@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hf_condroute import losses
+from hf_condroute.routers import losses
 
 
 def test_load_balancing_is_k_when_balanced_and_larger_when_not():

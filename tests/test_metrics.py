@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from hf_condroute.metrics import (
+from hf_condroute.stats.metrics import (
     active_subnetworks,
     alignment_matrix,
     block_active,

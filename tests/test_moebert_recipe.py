@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from hf_condroute.glue import get_task, task_metrics
+from hf_condroute.studies.glue import get_task, task_metrics
 
 from .glue_fixtures import fixture_texts, save_tiny_glue
 from .recipe_loader import RECIPES, load_recipe

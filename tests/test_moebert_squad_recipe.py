@@ -51,7 +51,7 @@ def test_squad_v1_moesart_distils_and_scores_its_answers(assets, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-    from hf_condroute.squad import eval_features, extract_answers, local_squad_scores, model_inputs
+    from hf_condroute.studies.squad import eval_features, extract_answers, local_squad_scores, model_inputs
 
     model = PeftModel.from_pretrained(AutoModelForQuestionAnswering.from_pretrained(bert), tmp_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(bert)

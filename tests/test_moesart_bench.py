@@ -8,9 +8,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from hf_condroute.moesart_bench.data import CANVAS, make_multi_digits, source_pools
-from hf_condroute.moesart_bench.model import CNNExpertBank, MultiGateMoE, routing_config_for
-from hf_condroute.step import RoutingStep
+from hf_condroute.block.step import RoutingStep
+from hf_condroute.studies.moesart_bench.data import CANVAS, make_multi_digits, source_pools
+from hf_condroute.studies.moesart_bench.model import CNNExpertBank, MultiGateMoE, routing_config_for
 
 
 @pytest.fixture(scope="module")

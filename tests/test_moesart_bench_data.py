@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from hf_condroute.moesart_bench.benchmark import build_benchmark
-from hf_condroute.moesart_bench.model import MultiGateMoE, routing_config_for
-from hf_condroute.moesart_bench.recsys import RecsysMoE, latent_model, load_books, make_recsys_standin
-from hf_condroute.moesart_bench.tasks import total_loss
-from hf_condroute.step import RoutingStep
+from hf_condroute.block.step import RoutingStep
+from hf_condroute.studies.moesart_bench.benchmark import build_benchmark
+from hf_condroute.studies.moesart_bench.model import MultiGateMoE, routing_config_for
+from hf_condroute.studies.moesart_bench.recsys import RecsysMoE, latent_model, load_books, make_recsys_standin
+from hf_condroute.studies.moesart_bench.tasks import total_loss
 
 
 def pairs(split):

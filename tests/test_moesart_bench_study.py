@@ -12,11 +12,11 @@ import pytest
 import torch
 from scipy import stats
 
-from hf_condroute.block import RoutingInputs
-from hf_condroute.local_search import local_search, permutable_routers
-from hf_condroute.moesart_bench import runner as runner_module
-from hf_condroute.moesart_bench.benchmark import build_benchmark
-from hf_condroute.moesart_bench.experiments import (
+from hf_condroute.block.routed_block import RoutingInputs
+from hf_condroute.integrations.local_search import local_search, permutable_routers
+from hf_condroute.studies.moesart_bench import runner as runner_module
+from hf_condroute.studies.moesart_bench.benchmark import build_benchmark
+from hf_condroute.studies.moesart_bench.experiments import (
     SEARCHED,
     TABLES,
     Trial,
@@ -26,11 +26,11 @@ from hf_condroute.moesart_bench.experiments import (
     search_trials,
     table_rows,
 )
-from hf_condroute.moesart_bench.model import MultiGateMoE, routing_config_for
-from hf_condroute.moesart_bench.report import summarize, ttest
-from hf_condroute.moesart_bench.runner import Job, Runner
-from hf_condroute.moesart_bench.tasks import Split, Task, total_loss
-from hf_condroute.moesart_bench.train import RunSpec, evaluate, train
+from hf_condroute.studies.moesart_bench.model import MultiGateMoE, routing_config_for
+from hf_condroute.studies.moesart_bench.report import summarize, ttest
+from hf_condroute.studies.moesart_bench.runner import Job, Runner
+from hf_condroute.studies.moesart_bench.tasks import Split, Task, total_loss
+from hf_condroute.studies.moesart_bench.train import RunSpec, evaluate, train
 
 from .recipe_loader import load_recipe
 

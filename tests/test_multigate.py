@@ -8,7 +8,7 @@ import torch
 
 import hf_condroute
 from hf_condroute import ROUTERS, AdapterBank, RoutedBlock, RoutingConfig, RoutingInputs, RoutingStep, build_router
-from hf_condroute.multigate import MultiGateBlock
+from hf_condroute.block.multigate import MultiGateBlock
 
 from .conftest import top_k_for
 

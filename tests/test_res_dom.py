@@ -16,10 +16,10 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from hf_condroute.res_dom.data import DOMAINS, make_splits
-from hf_condroute.res_dom.loaders import load_domain_dataset, load_image_folder
-from hf_condroute.res_dom.model import BackboneSettings, load_or_pretrain_backbone
-from hf_condroute.res_dom.study import Row, default_rows, summarize, supervised_tags
+from hf_condroute.studies.res_dom.data import DOMAINS, make_splits
+from hf_condroute.studies.res_dom.loaders import load_domain_dataset, load_image_folder
+from hf_condroute.studies.res_dom.model import BackboneSettings, load_or_pretrain_backbone
+from hf_condroute.studies.res_dom.study import Row, default_rows, summarize, supervised_tags
 
 from .recipe_loader import ROOT, load_recipe
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hf_condroute import ROUTERS, RoutingConfig, build_router
-from hf_condroute.hashing import block_salt, content_keys, mix
 from hf_condroute.routers.gumbel import straight_through
+from hf_condroute.routers.hashing import block_salt, content_keys, mix
 from hf_condroute.routers.moesart import adjusted_weights, inverse_cdf_sample, unique_with_counts
 from hf_condroute.routers.reinforce import plackett_luce_log_prob
 

@@ -1,4 +1,4 @@
-"""hf_condroute.squad: SQuAD's scores against hand-worked examples, answer extraction, the windowed
+"""hf_condroute.studies.squad: SQuAD's scores against hand-worked examples, answer extraction, the windowed
 preprocessing, the data checks, and the distillation of start/end logits."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_condroute.squad import (
+from hf_condroute.studies.squad import (
     SQUAD_VERSIONS,
     SquadDataError,
     answer_agreement,
@@ -23,7 +23,7 @@ from hf_condroute.squad import (
     token_f1,
     train_features,
 )
-from hf_condroute.squad.metrics import _evaluate_metric
+from hf_condroute.studies.squad.metrics import _evaluate_metric
 
 from .squad_fixtures import save_tiny_squad, tiny_squad
 from .test_moebert_recipe import save_tiny_bert
@@ -100,7 +100,7 @@ def test_squad_scores_falls_back_to_local_without_the_hub(monkeypatch, caplog):
     monkeypatch.setattr(evaluate, "load", offline)
     _evaluate_metric.cache_clear()
     refs, preds = [ref("1", "blue house")], [pred("1", "small blue house")]
-    with caplog.at_level("WARNING", logger="hf_condroute.squad.metrics"):
+    with caplog.at_level("WARNING", logger="hf_condroute.studies.squad.metrics"):
         scores = squad_scores(preds, refs)
     assert scores == pytest.approx({"exact_match": 0.0, "f1": 80.0})
     assert "computing SQuAD's scores locally" in caplog.text

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from hf_condroute.metrics import routing_focus_cover
 from hf_condroute.stats import (
     RoutingStats,
     RoutingStatsAccumulator,
@@ -11,6 +10,7 @@ from hf_condroute.stats import (
     get_routing_stats,
     set_routing_stats,
 )
+from hf_condroute.stats.metrics import routing_focus_cover
 
 from .analytics_helpers import collate, decision, tagged_seq2seq, tiny_bert_model, tiny_t5_model
 

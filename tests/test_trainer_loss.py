@@ -9,7 +9,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 import hf_condroute
 from hf_condroute import RoutedAdapterConfig
-from hf_condroute.trainer_loss import RoutedTokenLoss
+from hf_condroute.integrations.trainer_loss import RoutedTokenLoss
 
 from .conftest import VOCAB, make_t5
 

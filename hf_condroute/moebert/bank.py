@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..experts import ExpertMLPWeights, MLPExpertBank
-from ..quantized import dequantized_weight
+from ..experts.quantized import dequantized_weight
 from .layout import FFNParts
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from ..api import routing_loss
+from ..block.api import routing_loss
 from . import modes
 
 

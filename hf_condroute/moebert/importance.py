@@ -20,7 +20,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..quantized import is_quantized
+from ..experts.quantized import is_quantized
 from .layout import FFNLayout, FFNParts, find_ffns
 from .modes import eval_mode
 

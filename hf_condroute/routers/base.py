@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .. import losses
+from . import losses
 from .norm import RouterBatchNorm1d, batchnorm_linear
 
 if TYPE_CHECKING:  # the config reads the routers' capabilities; routers only read config fields
-    from ..routing_config import RoutingConfig
+    from .config import RoutingConfig
 
 
 @dataclass
@@ -96,6 +96,11 @@ class Router(nn.Module):
     variable_width: ClassVar[bool] = False
     token_choice: ClassVar[bool] = True  # each row picks its experts (False: experts pick rows, as Expert Choice)
 
+    @classmethod
+    def capacity_applies(cls) -> bool:
+        """Whether `expert_capacity_factor` limits this router: learned and token-choice (see `capacity.py`)."""
+        return cls.learned and cls.token_choice
+
     def __init__(self, in_features: int, num_experts: int, config: RoutingConfig, block_name: str = ""):
         super().__init__()
         self.in_features = in_features
@@ -113,7 +118,7 @@ class Router(nn.Module):
         if self.learned:
             self.network = self.build_network(in_features, num_experts, config)
         if config.expert_permutation:
-            # router output j is computed by bank expert expert_map[j]; `hf_condroute.local_search` searches it
+            # router output j is computed by bank expert expert_map[j]; `integrations.local_search` searches it
             self.register_buffer("expert_map", torch.arange(self.num_experts))
 
     def bank_experts(self, experts: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..hashing import block_salt, mix
 from .base import Router, RoutingDecision
+from .hashing import block_salt, mix
 
 
 def _one_hot_decision(experts: torch.Tensor, num_experts: int) -> RoutingDecision:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import losses
+from . import losses
 from .base import Router, RoutingDecision, equal_weights, run_in_float32
 
 

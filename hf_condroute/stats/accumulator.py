@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .. import metrics
-from ..metrics import Routing
+from . import metrics
+from .metrics import Routing
 from .records import BlockStats, RoutingStats, tag_labels
 from .store import block_info
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..api import _active_adapter, get_routing
+from ..block.api import _active_adapter, get_routing
 from .accumulator import RoutingStatsAccumulator
 from .records import RoutingStats
 from .store import set_routing_stats

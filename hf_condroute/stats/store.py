@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..api import _active_adapter, _state, block_name
-from ..block import RoutedBlock
+from ..block.api import _active_adapter, _state, block_name
+from ..block.routed_block import RoutedBlock
 from .records import RoutingStats
 
 _STATS_ATTR = "_condroute_routing_stats"

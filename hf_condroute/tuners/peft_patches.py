@@ -5,7 +5,7 @@
 2. our tuners registered with `register_peft_method`, so `get_peft_model`, `PeftConfig.from_pretrained`,
    `PeftModel.from_pretrained` and `load_adapter` dispatch to them;
 3. `PeftModel.save_pretrained`, `create_or_update_model_card` and `_upload_modified_files` wrapped so routed
-   adapters carry their routing statistics, heatmaps and model card (written by `hf_condroute.hub`).
+   adapters carry their routing statistics, heatmaps and model card (written by `hf_condroute.stats.hub`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from .. import hub
+from ..stats import hub
 from .peft_types import ROUTED_ADAPTER, ROUTED_FFN, ROUTED_LORA
 
 

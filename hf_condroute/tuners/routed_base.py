@@ -7,10 +7,10 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..block import RoutedBlock
-from ..context import ModelRoutingState, warn_if_causal_example_routing
+from ..block.context import ModelRoutingState, warn_if_causal_example_routing
+from ..block.routed_block import RoutedBlock
 from ..experts import ExpertBank
-from ..quantized import check_quantized_modules_to_save
+from ..experts.quantized import check_quantized_modules_to_save
 from ..routers import Router
 from .shapes import check_adapter_shapes
 

@@ -8,15 +8,15 @@ from peft.config import PeftConfig
 
 from ...architectures import ROUTED_ADAPTER_TARGET_MODULES  # noqa: F401  (re-exported)
 from ...experts import ACTIVATIONS
-from ...routing_config import RoutingConfig
-from ...validation import Choice, Flag, Integer, check_fields
+from ...routers.config import RoutingConfig
+from ...routers.validation import Choice, Flag, Integer, check_fields
 from ..peft_types import ROUTED_ADAPTER
 
 
 @dataclass
 class RoutedAdapterConfig(RoutingConfig, PeftConfig):
     """Configuration of a [`RoutedAdapterModel`]: routed bottleneck adapters after chosen `nn.Linear` layers, and
-    conv adapters (1x1 convolutions, `hf_condroute.feature_maps`) after modules that output feature maps
+    conv adapters (1x1 convolutions, `hf_condroute.block.feature_maps`) after modules that output feature maps
     (batch, channels, height, width): an `nn.Conv2d`, a ResNet residual block, a block of your own.
 
     Each targeted layer's output y becomes y + sum_j w_j adapter_{e_j}(y), the experts e_j and weights w_j

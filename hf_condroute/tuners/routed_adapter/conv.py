@@ -1,5 +1,5 @@
 """The conv form of the routed adapter layer: a target whose output is a feature map (batch, C, height, width) - an
-`nn.Conv2d`, a ResNet residual block, a user's block - gets conv experts (`hf_condroute.feature_maps`), routed per
+`nn.Conv2d`, a ResNet residual block, a user's block - gets conv experts (`hf_condroute.block.feature_maps`), routed per
 example on the spatial mean of its output."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...feature_maps import check_feature_map, route_feature_map
+from ...block.feature_maps import check_feature_map, route_feature_map
 from .config import RoutedAdapterConfig
 from .layer import RoutedAdapterLayer
 

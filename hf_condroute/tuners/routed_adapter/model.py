@@ -6,7 +6,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...architectures import ROUTED_ADAPTER_TARGET_MODULES
-from ...context import ModelRoutingState
+from ...block.context import ModelRoutingState
 from ..routed_base import RoutedTunerModel
 from .conv import FeatureMap, check_conv_granularity, output_channels
 from .layer import Linear, RoutedAdapterLayer

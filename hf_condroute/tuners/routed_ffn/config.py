@@ -10,8 +10,8 @@ import torch
 from peft.config import PeftConfig
 
 from ...moebert.split import check_shared
-from ...routing_config import RoutingConfig
-from ...validation import Choice, Flag, Integer, Text, check_fields
+from ...routers.config import RoutingConfig
+from ...routers.validation import Choice, Flag, Integer, Text, check_fields
 from ..peft_types import ROUTED_FFN
 
 

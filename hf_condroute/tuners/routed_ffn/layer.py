@@ -9,7 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...block import RoutedBlock
+from ...block.routed_block import RoutedBlock
 from ...moebert.bank import FFNSliceBank
 from ...moebert.layout import FFNParts
 from ...routers import build_router

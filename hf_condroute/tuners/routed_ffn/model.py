@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ...architectures import ROUTED_FFN_TARGET_MODULES
-from ...context import ModelRoutingState
+from ...block.context import ModelRoutingState
 from ...moebert.convert import FFNConversion, plan_conversion
 from ..routed_base import RoutedTunerModel
 from .layer import FFNOutputPassthrough, RoutedFFN, RoutedFFNLayer

@@ -8,8 +8,8 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from ...routing_config import RoutingConfig
-from ...validation import Choice, ConfigError, Integer, Real, Text, check_fields
+from ...routers.config import RoutingConfig
+from ...routers.validation import Choice, ConfigError, Integer, Real, Text, check_fields
 from ..peft_types import ROUTED_LORA
 
 DEFAULT_NUM_EXPERTS = 8

@@ -9,7 +9,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 
 from ...architectures import is_causal_lm, reads_encoder_output
-from ...context import ModelRoutingState
+from ...block.context import ModelRoutingState
 from ...routers import router_class
 from ...routers.heuristic import MonolithicRouter
 from ..routed_base import RoutedTunerModel
