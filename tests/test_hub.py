@@ -9,10 +9,18 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
+from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
 
 from hf_condroute import RoutedAdapterConfig, RoutingStatsCallback, compute_routing_stats
-from hf_condroute.stats.hub import CARD_END, CARD_START, ROUTING_STATS_NAME, load_routing_stats, routing_stats_dict
+from hf_condroute.stats.hub import (
+    CARD_END,
+    CARD_START,
+    ROUTING_STATS_NAME,
+    load_routing_stats,
+    routing_stats_dict,
+    save_routing_stats,
+)
 
 from .analytics_helpers import collate, tagged_seq2seq, tiny_bert_model, tiny_t5, tiny_t5_model
 from .conftest import make_bert
@@ -226,3 +234,11 @@ def test_a_missing_template_never_fails_a_save(tagged_model, tmp_path, monkeypat
         tagged_model.save_pretrained(tmp_path)
     assert (tmp_path / ROUTING_STATS_NAME).exists() and (tmp_path / "adapter_model.safetensors").exists()
     assert CARD_START not in (tmp_path / "README.md").read_text()
+
+
+def test_statistics_and_card_refuse_a_folder_with_an_empty_adapter(tagged_model, tmp_path):
+    # what PeftModel.save_pretrained wrote under DeepSpeed ZeRO-3 before 0.3.0: every tensor with 0 elements
+    save_file({"experts.up_weight": torch.empty(0)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"holds 1 tensors with 0 elements of 1 .*DeepSpeed ZeRO-3 partitioned"):
+        save_routing_stats(tagged_model, str(tmp_path))
+    assert os.listdir(tmp_path) == ["adapter_model.safetensors"]

@@ -35,6 +35,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from ..routers.config import RoutingConfig
+from .adapter_files import check_adapter_weights
 from .store import get_routing_stats, routed_blocks
 
 ROUTING_STATS_NAME = "routing_stats.json"
@@ -44,7 +45,6 @@ CARD_START = "<!-- hf_condroute: routing card start (generated on save; edits be
 CARD_END = "<!-- hf_condroute: routing card end -->"
 CARD_TAGS = ("hf_condroute", "routed-adapter", "conditional-computation", "mixture-of-experts")
 DEFAULT_TEMPLATE = "routed_model_card.md"
-
 _AUTO_CLASSES = {
     "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM",
     "SEQ_CLS": "AutoPeftModelForSequenceClassification",
@@ -142,12 +142,13 @@ def save_routing_stats(
 ) -> list[str]:
     """Write routing_stats.json and its heatmaps beside each routed adapter, then the model card.
 
-    `save_pretrained` calls it; call it yourself to refresh a folder after `compute_routing_stats`.
-    Returns the paths of the routing_stats.json files."""
+    `save_pretrained` calls it; call it yourself to refresh a folder after `compute_routing_stats`. Refuses a folder
+    whose adapter weights are empty (`check_adapter_weights`). Returns the paths of the routing_stats.json files."""
     names = [n for n in (adapter_names or _routing_adapters(model)) if n in _routing_adapters(model)]
     paths = []
     for name in names:
         folder = adapter_dir(save_directory, name)
+        check_adapter_weights(folder)
         os.makedirs(folder, exist_ok=True)
         record = routing_stats_dict(model, name)
         record["heatmaps"] = write_heatmaps(record, folder)

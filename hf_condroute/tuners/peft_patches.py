@@ -5,7 +5,8 @@
 2. our tuners registered with `register_peft_method`, so `get_peft_model`, `PeftConfig.from_pretrained`,
    `PeftModel.from_pretrained` and `load_adapter` dispatch to them;
 3. `PeftModel.save_pretrained`, `create_or_update_model_card` and `_upload_modified_files` wrapped so routed
-   adapters carry their routing statistics, heatmaps and model card (written by `hf_condroute.stats.hub`).
+   adapters carry their routing statistics, heatmaps and model card (written by `hf_condroute.stats.hub`), and a save
+   that would write an incomplete adapter under DeepSpeed ZeRO-3 is refused (`partitioned_save`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import inspect
 
 from ..stats import hub
+from .partitioned_save import check_adapter_tensors
 from .peft_types import ROUTED_ADAPTER, ROUTED_FFN, ROUTED_LORA
 
 
@@ -38,12 +40,16 @@ def _wrap_save(original):
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
+        if not hub.has_routing(self):
+            return original(self, save_directory, *args, **kwargs)
+        bound = signature.bind(self, save_directory, *args, **kwargs)
+        bound.apply_defaults()
+        selected = bound.arguments["selected_adapters"]
+        # under DeepSpeed ZeRO-3, refuse before anything is written rather than write an empty adapter
+        check_adapter_tensors(self, selected or list(self.peft_config), kwargs.get("state_dict"))
         result = original(self, save_directory, *args, **kwargs)
-        if hub.has_routing(self):
-            bound = signature.bind(self, save_directory, *args, **kwargs)
-            bound.apply_defaults()
-            if bound.arguments["is_main_process"]:
-                hub.save_routing_stats(self, str(save_directory), bound.arguments["selected_adapters"])
+        if bound.arguments["is_main_process"]:
+            hub.save_routing_stats(self, str(save_directory), selected)
         return result
 
     return save_pretrained
