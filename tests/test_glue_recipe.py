@@ -218,8 +218,8 @@ def test_process_count_mismatches_are_errors(monkeypatch):
         check_process_count(Args())
 
 
-def launch(script, argv, timeout=240) -> None:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+def launch(script, argv, timeout=240, launcher=("--multi_gpu",)) -> None:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(script), *argv, "--use_cpu"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
