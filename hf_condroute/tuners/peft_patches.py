@@ -44,11 +44,11 @@ def _wrap_save(original):
             return original(self, save_directory, *args, **kwargs)
         bound = signature.bind(self, save_directory, *args, **kwargs)
         bound.apply_defaults()
-        selected = bound.arguments["selected_adapters"]
-        # under DeepSpeed ZeRO-3, refuse before anything is written rather than write an empty adapter
-        check_adapter_tensors(self, selected or list(self.peft_config), kwargs.get("state_dict"))
+        selected, writes = bound.arguments["selected_adapters"], bound.arguments["is_main_process"]
+        if writes:  # under DeepSpeed ZeRO-3: refuse before anything is written rather than write an empty adapter
+            check_adapter_tensors(self, selected or list(self.peft_config), kwargs.get("state_dict"))
         result = original(self, save_directory, *args, **kwargs)
-        if bound.arguments["is_main_process"]:
+        if writes:
             hub.save_routing_stats(self, str(save_directory), selected)
         return result
 
