@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from peft import PeftModel
 
 from .conftest import make_bert
+from .launch_helpers import run_launch
 
 if importlib.util.find_spec("deepspeed") is None:  # found, not imported: the tests' processes import it
     pytest.skip("DeepSpeed is optional: pip install 'hf-condroute[deepspeed]'", allow_module_level=True)
@@ -37,7 +37,7 @@ def probe(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "deepspeed_probe.py"), str(out)]  # fmt: skip
     # the shared-memory op is not built (skip_cpu_shm_comm_build), so this takes seconds, not minutes
-    done = subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=300)
+    done = run_launch(cmd, torchrun_env(), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     assert "deepspeed_shm_comm" not in done.stdout + done.stderr
     with open(out / "saves.json") as f:

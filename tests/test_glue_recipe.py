@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from hf_condroute.integrations.warm_start import load_experts_from
 from hf_condroute.studies.glue import GLUE_TASK_NAMES, glue_average
 
 from .glue_fixtures import save_tiny_glue, save_tiny_t5
+from .launch_helpers import run_launch
 from .recipe_loader import load_recipe
 
 recipe = load_recipe("glue")
@@ -223,7 +223,7 @@ def launch(script, argv, timeout=240, launcher=("--multi_gpu",)) -> None:
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(script), *argv, "--use_cpu"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = run_launch(cmd, env, timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
