@@ -51,9 +51,9 @@ def assert_same(got: dict, want: dict, exact: bool) -> None:
         if exact:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
         else:
-            # ZeRO-3 reduces and applies gradients through its own flattened partitions: one-ulp differences (seen
-            # 5e-10 on weights of 0.09 after 3 steps); a missing expert gradient or a wrong average moves weights by
-            # about the learning rate times a gradient, 1e-4 and more
+            # ZeRO-3 takes its own gradient path (bucketed reduce-scatter into flat partitions): float32 rounding
+            # (seen: 5e-10 on weights of 0.09 after 3 steps); a missing expert gradient or a wrong average moves
+            # weights by about the learning rate times a gradient, 1e-4 and more
             torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-8, msg=key)
 
 
