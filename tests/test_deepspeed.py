@@ -23,7 +23,7 @@ if importlib.util.find_spec("deepspeed") is None:  # found, not imported: the te
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_CASES = ("adapter_tag", "lora_hash", "ffn_top_k")
-TRAINER_CASES = ("trainer_adapter_tag", "trainer_ffn_top_k")
+TRAINER_CASES = tuple(f"trainer_{case}" for case in ENGINE_CASES)
 
 
 def torchrun_env() -> dict:
