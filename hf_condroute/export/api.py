@@ -1,0 +1,50 @@
+"""`to_native`: a routed PEFT model as a plain transformers model that routes as it does at evaluation, the way
+PEFT's `merge_and_unload()` returns a plain model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..tuners.routed_adapter import RoutedAdapterConfig
+from ..tuners.routed_ffn import RoutedFFNConfig
+from ..tuners.routed_lora import RoutedLoraConfig
+from .checks import EXPORT_READY, refusal
+from .mixtral import build_causal_moe
+from .sources import read_causal
+
+
+def to_native(peft_model: nn.Module, target: str | None = None, dtype: torch.dtype | None = None):
+    """A plain transformers `PreTrainedModel` (no hf_condroute needed to load it) routing each token as
+    `peft_model` does in evaluation mode; an `ExportError` naming the blocker when no native form is exact.
+
+    Args:
+        peft_model: a `PeftModel` with an active routed FFN or routed LoRA adapter.
+        target: causal LMs: "mixtral" or "qwen2_moe" (None: Mixtral where it holds the model exactly, else
+            Qwen2-MoE); T5: "switch_transformers".
+        dtype: of the returned model; None: the base model's.
+    """
+    config = peft_model.peft_config[peft_model.active_adapter]
+    base = peft_model.get_base_model()
+    if dtype is None:
+        dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
+    if isinstance(config, RoutedAdapterConfig):
+        kind = "conv adapter experts" if getattr(config, "conv", False) else "bottleneck adapter experts"
+        raise refusal(
+            kind,
+            "native MoE layers have SwiGLU (or T5 FFN) experts in place of the MLP, and no form for adapters beside it",
+            "RoutedFFNConfig (MoEBERT experts from the MLP) or RoutedLoraConfig with "
+            rf"router_sharing=r'layers\.\d+\.mlp' ({EXPORT_READY})",
+        )
+    if not isinstance(config, (RoutedFFNConfig, RoutedLoraConfig)):
+        raise TypeError(
+            f"to_native exports hf_condroute's routed FFN and routed LoRA adapters; the active adapter is "
+            f"{type(config).__name__}. For a plain LoRA use PEFT's merge_and_unload()."
+        )
+    if getattr(base.config, "is_encoder_decoder", False):
+        from .switch import build_switch
+
+        native = build_switch(peft_model, target)
+    else:
+        native = build_causal_moe(read_causal(peft_model), target)
+    return native.to(dtype)

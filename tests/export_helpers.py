@@ -1,0 +1,89 @@
+"""Routed tiny causal LMs for the export tests, and what they compute (the reference a native export must match)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import get_peft_model
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import hf_condroute
+from hf_condroute import RoutedFFNConfig, RoutedLoraConfig
+
+from .conftest import make_llama
+
+EXPORT_READY = dict(routing_granularity="token", router_batchnorm=False, router_bias=False, router_init_std=1.0)
+MLP_SHARING = r"layers\.\d+\.mlp"
+PROMPT = torch.tensor([[3, 17, 5, 30, 8]])
+
+
+def make_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # Qwen2's q/k/v biases start at zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.normal_(std=0.5)
+    return model
+
+
+def routed_ffn(base=None, seed: int = 0, **overrides):
+    base = base if base is not None else make_llama()
+    torch.manual_seed(seed)
+    values = dict(EXPORT_READY, num_experts=4, top_k=2, init_weights=False)
+    values.update(overrides)
+    return get_peft_model(base, RoutedFFNConfig(**values)).eval()
+
+
+def routed_lora(base=None, seed: int = 0, **overrides):
+    base = base if base is not None else make_llama()
+    torch.manual_seed(seed)
+    values = dict(
+        EXPORT_READY,
+        num_experts=3,
+        top_k=1,
+        router="st_gumbel",
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=["gate_proj", "up_proj", "down_proj"],
+        router_sharing=MLP_SHARING,
+    )
+    values.update(overrides)
+    return get_peft_model(base, RoutedLoraConfig(**values)).eval()
+
+
+def chosen_experts(peft_model) -> list[torch.Tensor]:
+    """Per routed layer (one block per layer: shared routers repeat their owner's decision), the experts each token
+    chose, sorted within the token."""
+    seen, out = set(), []
+    for name, decision in hf_condroute.get_routing(peft_model).items():
+        layer = re.search(r"layers\.(\d+)\.", name).group(1)
+        if layer not in seen:
+            seen.add(layer)
+            experts = decision.experts.reshape(-1, decision.experts.shape[-1])  # (batch, tokens, k) -> rows
+            out.append(experts.sort(dim=-1).values)
+    return out
+
+
+def native_experts(router_logits: list[torch.Tensor], top_k: int) -> list[torch.Tensor]:
+    return [t.float().softmax(-1).topk(top_k, dim=-1).indices.sort(dim=-1).values for t in router_logits]
+
+
+def reference(peft_model, input_ids: torch.Tensor) -> dict:
+    """What the routed model computes in evaluation mode: logits, chosen experts, greedy tokens."""
+    with torch.no_grad():
+        logits = peft_model(input_ids=input_ids).logits
+        experts = chosen_experts(peft_model)
+        generated = peft_model.generate(input_ids=PROMPT, do_sample=False, max_new_tokens=8)
+    return {"logits": logits, "experts": experts, "generated": generated}
