@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import hf_condroute
 from hf_condroute import RoutedFFNConfig, RoutedLoraConfig
 
-from .conftest import make_llama
+from .conftest import make_llama, make_t5
 
 EXPORT_READY = dict(routing_granularity="token", router_batchnorm=False, router_bias=False, router_init_std=1.0)
 MLP_SHARING = r"layers\.\d+\.mlp"
@@ -64,11 +64,13 @@ def routed_lora(base=None, seed: int = 0, **overrides):
 
 
 def chosen_experts(peft_model) -> list[torch.Tensor]:
-    """Per routed layer (one block per layer: shared routers repeat their owner's decision), the experts each token
+    """Per routed MLP (one block per MLP: shared routers repeat their owner's decision), the experts each token
     chose, sorted within the token."""
     seen, out = set(), []
     for name, decision in hf_condroute.get_routing(peft_model).items():
-        layer = re.search(r"layers\.(\d+)\.", name).group(1)
+        if not re.search(r"\.mlp\b|DenseReluDense", name):
+            continue  # a merged (monolithic) attention LoRA: no native router
+        layer = re.sub(r"\.(gate_proj|up_proj|down_proj)$", "", name)  # a shared router's targets: one layer
         if layer not in seen:
             seen.add(layer)
             experts = decision.experts.reshape(-1, decision.experts.shape[-1])  # (batch, tokens, k) -> rows
@@ -77,13 +79,30 @@ def chosen_experts(peft_model) -> list[torch.Tensor]:
 
 
 def native_experts(router_logits: list[torch.Tensor], top_k: int) -> list[torch.Tensor]:
-    return [t.float().softmax(-1).topk(top_k, dim=-1).indices.sort(dim=-1).values for t in router_logits]
+    rows = [t.float().reshape(-1, t.shape[-1]) for t in router_logits]
+    return [t.softmax(-1).topk(top_k, dim=-1).indices.sort(dim=-1).values for t in rows]
 
 
-def reference(peft_model, input_ids: torch.Tensor) -> dict:
+def reference(peft_model, forward: dict, generate: dict) -> dict:
     """What the routed model computes in evaluation mode: logits, chosen experts, greedy tokens."""
     with torch.no_grad():
-        logits = peft_model(input_ids=input_ids).logits
+        logits = peft_model(**forward).logits
         experts = chosen_experts(peft_model)
-        generated = peft_model.generate(input_ids=PROMPT, do_sample=False, max_new_tokens=8)
+        generated = peft_model.generate(**generate, do_sample=False, max_new_tokens=8)
     return {"logits": logits, "experts": experts, "generated": generated}
+
+
+def routed_t5(seed: int = 0, batchnorm: bool = False, **overrides):
+    """A T5 routed FFN, per token, top-1; with `batchnorm`, a router whose running statistics a few training batches
+    have set (its evaluation form is a Linear with a bias)."""
+    base = make_t5()
+    torch.manual_seed(seed)
+    values = dict(EXPORT_READY, num_experts=4, top_k=1, init_weights=False)
+    values.update(router_batchnorm=batchnorm, router_bias=batchnorm, **overrides)
+    model = get_peft_model(base, RoutedFFNConfig(**values))
+    if batchnorm:
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(input_ids=torch.randint(2, 50, (4, 9)), decoder_input_ids=torch.randint(2, 50, (4, 5)))
+    return model.eval()

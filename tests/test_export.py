@@ -16,7 +16,7 @@ import torch
 import hf_condroute
 
 from .conftest import make_llama
-from .export_helpers import PROMPT, make_qwen2, native_experts, reference, routed_ffn, routed_lora
+from .export_helpers import PROMPT, make_qwen2, native_experts, reference, routed_ffn, routed_lora, routed_t5
 
 PROBE = Path(__file__).with_name("export_native_probe.py")
 IDS = torch.tensor([[3, 17, 5, 30, 8, 41, 2, 19], [11, 4, 27, 9, 33, 6, 45, 12]])
@@ -50,6 +50,18 @@ CAUSAL_CASES = {
 }
 
 
+# name -> (routed T5 builder, the routed layers among encoder 0, 1 and decoder 0, 1): every Switch layer is sparse
+SWITCH_CASES = {
+    "switch_top_1": (lambda: routed_t5(), [0, 1, 2, 3]),
+    "switch_batchnorm_router": (lambda: routed_t5(batchnorm=True), [0, 1, 2, 3]),
+    "switch_dense_layers": (
+        lambda: routed_t5(
+            target_modules=["encoder.block.0.layer.1.DenseReluDense", "decoder.block.1.layer.2.DenseReluDense"]
+        ),
+        [0, 3],
+    ),
+}
+
 # what the chosen target must say for the case to mean what its name says
 EXPECTED_CONFIG = {
     "ffn_top_k_probabilities": {"norm_topk_prob": False, "shared_expert_intermediate_size": 0},
@@ -78,7 +90,7 @@ def probed(tmp_path_factory):
         model = build()
         folder = root / name
         hf_condroute.save_native(model, str(folder))
-        refs[name] = reference(model, IDS)
+        refs[name] = reference(model, {"input_ids": IDS}, {"input_ids": PROMPT})
         refs[name]["top_k"] = json.loads((folder / "config.json").read_text())["num_experts_per_tok"]
         torch.save({"forward": {"input_ids": IDS}, "generate": {"input_ids": PROMPT}}, folder / "inputs.pt")
         cases.append({"dir": str(folder), "kind": "causal", "inputs": str(folder / "inputs.pt")})
@@ -86,6 +98,14 @@ def probed(tmp_path_factory):
             hf_condroute.save_native(model, str(root / "bf16"), dtype=torch.bfloat16)
             refs["bf16"] = refs[name]
             cases.append({"dir": str(root / "bf16"), "kind": "causal", "inputs": str(folder / "inputs.pt")})
+    for name, (build, _) in SWITCH_CASES.items():
+        model = build()
+        folder = root / name
+        hf_condroute.save_native(model, str(folder))
+        forward = {"input_ids": IDS, "decoder_input_ids": IDS[:, :5]}
+        refs[name] = reference(model, forward, {"input_ids": IDS})
+        torch.save({"forward": forward, "generate": {"input_ids": IDS}}, folder / "inputs.pt")
+        cases.append({"dir": str(folder), "kind": "seq2seq", "inputs": str(folder / "inputs.pt")})
     # per-expert LoRAs of a tag-routed LoRA: expert i alone = the routed model with tag i
     base = make_llama()
     base.save_pretrained(root / "lora_base")
@@ -123,6 +143,23 @@ def test_native_export_matches_the_routed_model(probed, name):
     assert len(experts) == len(ref["experts"])
     for native, routed in zip(experts, ref["experts"]):
         assert torch.equal(native, routed)
+    assert torch.equal(got["generated"], ref["generated"])
+
+
+@pytest.mark.parametrize("name", list(SWITCH_CASES))
+def test_switch_export_matches_the_routed_t5(probed, name):
+    root, refs = probed
+    ref, got = refs[name], torch.load(root / name / "probe.pt")
+    assert got["class"] == "SwitchTransformersForConditionalGeneration"
+    torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-5, rtol=0)
+    experts = native_experts(got["router_logits"], 1)
+    assert len(experts) == 4  # every Switch layer is sparse; a dense one sends every token to expert 0
+    routed = SWITCH_CASES[name][1]
+    for i, layer in enumerate(experts):
+        if i in routed:
+            assert torch.equal(layer, ref["experts"][routed.index(i)])
+        else:
+            assert bool((layer == 0).all())
     assert torch.equal(got["generated"], ref["generated"])
 
 

@@ -29,9 +29,8 @@ def to_native(peft_model: nn.Module, target: str | None = None, dtype: torch.dty
     if dtype is None:
         dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
     if isinstance(config, RoutedAdapterConfig):
-        kind = "conv adapter experts" if getattr(config, "conv", False) else "bottleneck adapter experts"
         raise refusal(
-            kind,
+            "routed adapters (bottleneck or conv adapter experts)",
             "native MoE layers have SwiGLU (or T5 FFN) experts in place of the MLP, and no form for adapters beside it",
             "RoutedFFNConfig (MoEBERT experts from the MLP) or RoutedLoraConfig with "
             rf"router_sharing=r'layers\.\d+\.mlp' ({EXPORT_READY})",

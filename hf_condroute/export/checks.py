@@ -57,6 +57,9 @@ def eval_weighting(config, router: Router) -> str:
     """How the routed model weights its chosen experts at evaluation (RENORMALISED, PROBABILITY or ONE), or an
     ExportError when no native router does the same."""
     name = router.name
+    if name in REFUSED_ROUTERS:
+        why, instead = REFUSED_ROUTERS[name]
+        raise refusal(f"router {name!r}", why, instead)
     if config.routing_granularity != "token":
         raise refusal(
             "per-example routing",
@@ -66,12 +69,10 @@ def eval_weighting(config, router: Router) -> str:
     if config.expert_capacity_factor is not None:
         raise refusal(
             f"expert_capacity_factor={config.expert_capacity_factor}",
-            "a capacity limit drops tokens depending on the rest of the batch, which Mixtral and Qwen2-MoE never do",
+            "a capacity limit drops tokens at evaluation depending on the rest of the batch, which no native model "
+            "reproduces (Mixtral and Qwen2-MoE have no capacity; Switch counts it along each sequence)",
             "expert_capacity_factor=None (a load-balancing loss, router_aux_loss_coef, keeps experts balanced)",
         )
-    if name in REFUSED_ROUTERS:
-        why, instead = REFUSED_ROUTERS[name]
-        raise refusal(f"router {name!r}", why, instead)
     if name == "monolithic":
         return ONE
     if name == "softmax":
