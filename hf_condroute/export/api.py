@@ -3,6 +3,8 @@ PEFT's `merge_and_unload()` returns a plain model."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -46,4 +48,23 @@ def to_native(peft_model: nn.Module, target: str | None = None, dtype: torch.dty
         native = build_switch(peft_model, target)
     else:
         native = build_causal_moe(read_causal(peft_model), target)
-    return native.to(dtype)
+    native = native.to(dtype)
+    _warn_if_misaligned(native, dtype)
+    return native
+
+
+def _warn_if_misaligned(native, dtype: torch.dtype) -> None:
+    """transformers' default experts kernel (`grouped_mm`) fails on the CPU when an expert's rows are not a multiple
+    of 16 bytes ("strides should be multiple of 16 bytes"); real models' widths always are, tiny ones may not be."""
+    widths = {"mixtral": "intermediate_size", "qwen2_moe": "moe_intermediate_size"}  # Switch's experts are Linears
+    if native.config.model_type not in widths:
+        return
+    width = getattr(native.config, widths[native.config.model_type])
+    row = width * torch.finfo(dtype).bits // 8
+    if row % 16:
+        warnings.warn(
+            f"The exported experts are {width} neurons wide: rows of {row} bytes, not "
+            "a multiple of 16, which transformers' default experts kernel (grouped_mm) refuses on the CPU. Load the "
+            'model with `experts_implementation="eager"`, or choose an expert width that is a multiple of 8.',
+            stacklevel=3,
+        )
