@@ -19,16 +19,11 @@ PROMPT = torch.tensor([[3, 17, 5, 30, 8]])
 
 
 def make_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    """The tiny Llama's shape as a Qwen2 (whose attention has q/k/v biases)."""
+    llama = make_llama(seed).config
+    shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    config = Qwen2Config(**{k: getattr(llama, k) for k in (*shape, "num_key_value_heads", "pad_token_id")})
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # Qwen2's q/k/v biases start at zero: make them matter
         for name, p in model.named_parameters():

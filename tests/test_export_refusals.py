@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 
 import hf_condroute
-from hf_condroute import RoutedAdapterConfig, RoutedFFNConfig
+from hf_condroute import RoutedAdapterConfig, RoutedFFNConfig, RoutedLoraConfig
 from hf_condroute.export.__main__ import main
 from hf_condroute.export.checks import REFUSED_ROUTERS
 from hf_condroute.routers import router_class
@@ -108,6 +108,11 @@ def test_switch_needs_a_non_gated_t5():
     base = make_t5(feed_forward_proj="gated-gelu")
     model = get_peft_model(base, RoutedFFNConfig(num_experts=2, top_k=1, init_weights=False))
     refused(model, "with a gated FFN", "non-gated")
+
+
+def test_routed_lora_on_t5():
+    config = RoutedLoraConfig(num_experts=2, router="st_gumbel", target_modules=["wi", "wo"], r=2)
+    refused(get_peft_model(make_t5(), config), "a routed LoRA on an encoder-decoder", "RoutedFFNConfig")
 
 
 def test_unknown_target():

@@ -45,6 +45,13 @@ def to_native(peft_model: nn.Module, target: str | None = None, dtype: torch.dty
     if getattr(base.config, "is_encoder_decoder", False):
         from .switch import build_switch
 
+        if isinstance(config, RoutedLoraConfig):
+            raise refusal(
+                "a routed LoRA on an encoder-decoder",
+                "Switch Transformers' experts replace the FFN, and have no form for LoRA experts beside its weights",
+                "RoutedFFNConfig with router='top_k' and top_k=1 on a T5",
+            )
+
         native = build_switch(peft_model, target)
     else:
         native = build_causal_moe(read_causal(peft_model), target)

@@ -166,12 +166,7 @@ def _lora_layer(mlp: nn.Module, config, adapter: str, name: str) -> MoELayer:
 def _other_weights(base: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
     """Every weight outside the MLPs, with PEFT's wrappers taken off: modules_to_save copies replace the originals,
     a monolithic routed LoRA (one expert, weight 1: a plain LoRA) is merged; routed attention is refused."""
-    out = {}
-    for key, value in base.state_dict().items():
-        if re.search(r"\.mlp\.", key) or "routed_lora_block" in key or ".original_module." in key:
-            continue
-        key = re.sub(r"\.modules_to_save\.[^.]+", "", key.replace(".base_layer", ""))
-        out[key] = value.detach()
+    out = unwrapped_weights(base, skip=r"\.mlp\.")
     for name, module in base.named_modules():
         if not isinstance(module, RoutedLoraLayer) or ".mlp." in name or adapter not in module.blocks:
             continue
@@ -187,4 +182,16 @@ def _other_weights(base: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
         delta = (bank.lora_A[0].float() @ bank.lora_B[0].float()).t() * bank.scaling
         weight = module.get_base_layer().weight
         out[name + ".weight"] = (weight.float() + delta).to(weight.dtype)
+    return out
+
+
+@torch.no_grad()
+def unwrapped_weights(base: nn.Module, skip: str) -> dict[str, torch.Tensor]:
+    """The base model's weights under its own names (PEFT's `base_layer` and `modules_to_save` wrappers taken off:
+    the trained copy replaces the original), leaving out adapters and keys matching `skip`."""
+    out = {}
+    for key, value in base.state_dict().items():
+        if re.search(skip, key) or "routed_lora_block" in key or ".original_module." in key:
+            continue
+        out[re.sub(r"\.modules_to_save\.[^.]+", "", key.replace(".base_layer", ""))] = value.detach()
     return out

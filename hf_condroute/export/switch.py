@@ -12,8 +12,6 @@ probability exactly 1 (zero weights, bias [BIG, 0, ...]: exp(-BIG) underflows to
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
@@ -21,6 +19,7 @@ from transformers import SwitchTransformersConfig, SwitchTransformersForConditio
 from ..tuners.routed_ffn.layer import RoutedFFN
 from .checks import PROBABILITY, ExportError, eval_weighting, refusal
 from .router import expert_order, folded_router
+from .sources import unwrapped_weights
 
 FORCED_LOGIT = 1e4
 CAPACITY = 2**31 - 1  # tokens per expert and sequence: more than any sequence has
@@ -81,7 +80,7 @@ def build_switch(peft_model: nn.Module, target: str | None = None):
         tie_word_embeddings=src.tie_word_embeddings,
         architectures=[SWITCH],
     )
-    state = _other_weights(base)
+    state = {k: v.float() for k, v in unwrapped_weights(base, skip=r"\.DenseReluDense\.").items()}
     for (side, i), layer in layers.items():
         prefix = f"{side}.block.{i}.layer.{len(stacks[side][i].layer) - 1}.mlp."
         state.update(_layer_state(prefix, layer, num_experts, d_ff, src.d_model, has_bias))
@@ -142,13 +141,3 @@ def _layer_state(prefix, layer, num_experts, d_ff, d_model, has_bias) -> dict[st
         state[f"{prefix}experts.expert_{j}.wi.weight"] = torch.cat([e_wi, e_wi.new_zeros(pad, e_wi.shape[1])])
         state[f"{prefix}experts.expert_{j}.wo.weight"] = torch.cat([e_wo, e_wo.new_zeros(e_wo.shape[0], pad)], 1)
     return state
-
-
-@torch.no_grad()
-def _other_weights(base: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in base.state_dict().items():
-        if ".DenseReluDense." in key or ".original_module." in key:
-            continue
-        out[re.sub(r"\.modules_to_save\.[^.]+", "", key.replace(".base_layer", ""))] = value.detach().float()
-    return out
