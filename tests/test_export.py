@@ -64,7 +64,7 @@ SWITCH_CASES = {
 
 # what the chosen target must say for the case to mean what its name says
 EXPECTED_CONFIG = {
-    "ffn_top_k_probabilities": {"norm_topk_prob": False, "shared_expert_intermediate_size": 0},
+    "ffn_top_k_probabilities": {"norm_topk_prob": False, "shared_expert_intermediate_size": 16},
     "ffn_shared_neurons": {"shared_expert_intermediate_size": 8, "moe_intermediate_size": 12, "norm_topk_prob": True},
     "ffn_dense_layers": {"mlp_only_layers": [0], "intermediate_size": 64},
     "ffn_qwen2": {"qkv_bias": True},

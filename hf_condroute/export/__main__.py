@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", help="base model id or path (default: the adapter config's base_model_name_or_path)")
     parser.add_argument("--target", help="mixtral, qwen2_moe or switch_transformers (default: the exact one)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the base model's")
+    parser.add_argument(
+        "--no-shared-expert", action="store_true", help="keep shared neurons inside each expert (for llama.cpp)"
+    )
     parser.add_argument("--expert-loras", action="store_true", help="write per-expert LoRAs + experts.json instead")
     args = parser.parse_args(argv)
 
@@ -44,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError):
         tokenizer = None  # a base saved without a tokenizer
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    native = save_native(model, args.out, target=args.target, dtype=dtype, tokenizer=tokenizer)
+    native = save_native(
+        model, args.out, target=args.target, dtype=dtype, tokenizer=tokenizer, shared_expert=not args.no_shared_expert
+    )
     print(f"{type(native).__name__} written to {args.out}")
 
 

@@ -16,7 +16,9 @@ from .mixtral import build_causal_moe
 from .sources import read_causal
 
 
-def to_native(peft_model: nn.Module, target: str | None = None, dtype: torch.dtype | None = None):
+def to_native(
+    peft_model: nn.Module, target: str | None = None, dtype: torch.dtype | None = None, shared_expert: bool = True
+):
     """A plain transformers `PreTrainedModel` (no hf_condroute needed to load it) routing each token as
     `peft_model` does in evaluation mode; an `ExportError` naming the blocker when no native form is exact.
 
@@ -25,6 +27,9 @@ def to_native(peft_model: nn.Module, target: str | None = None, dtype: torch.dty
         target: causal LMs: "mixtral" or "qwen2_moe" (None: Mixtral where it holds the model exactly, else
             Qwen2-MoE); T5: "switch_transformers".
         dtype: of the returned model; None: the base model's.
+        shared_expert: MoEBERT's shared neurons, while every expert holds the same copy, become Qwen2-MoE's shared
+            expert (computed once per token, scaled by sigmoid(0) = 0.5). False keeps them inside each expert, also
+            exact: for llama.cpp, which computes sigmoid(z) as silu(z) / z and so gets NaN from that gate.
     """
     config = peft_model.peft_config[peft_model.active_adapter]
     base = peft_model.get_base_model()
@@ -54,7 +59,7 @@ def to_native(peft_model: nn.Module, target: str | None = None, dtype: torch.dty
 
         native = build_switch(peft_model, target)
     else:
-        native = build_causal_moe(read_causal(peft_model), target)
+        native = build_causal_moe(read_causal(peft_model, shared_expert), target)
     native = native.to(dtype)
     _warn_if_misaligned(native, dtype)
     return native

@@ -16,6 +16,10 @@ from .checks import PROBABILITY, ExportError
 from .sources import CausalSource, MoELayer
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# without shared neurons, Qwen2-MoE's shared expert is all zeros (act(0) * 0 = 0 adds nothing); not empty, since
+# llama.cpp reads a zero width as "the dense width" and then fails to load the model; and its gate is not zero, since
+# llama.cpp computes sigmoid(z) as silu(z) / z, NaN at z = 0 (the gate's value is irrelevant: it multiplies zeros)
+ZERO_SHARED = 16
 TARGETS = ("mixtral", "qwen2_moe")
 _COMMON = (
     "vocab_size",
@@ -101,7 +105,7 @@ def build_causal_moe(source: CausalSource, target: str | None = None):
             **sliding,
             intermediate_size=source.config.intermediate_size,
             moe_intermediate_size=expert_dim,
-            shared_expert_intermediate_size=0 if shared is None else shared[0].shape[0],
+            shared_expert_intermediate_size=ZERO_SHARED if shared is None else shared[0].shape[0],
             num_experts=num_experts,
             num_experts_per_tok=first.top_k,
             norm_topk_prob=first.weighting != PROBABILITY,
@@ -145,7 +149,8 @@ def _state_dict(source: CausalSource, target: str, config) -> dict[str, torch.Te
             state[prefix + "shared_expert.gate_proj.weight"] = gate.float()
             state[prefix + "shared_expert.up_proj.weight"] = up.float()
             state[prefix + "shared_expert.down_proj.weight"] = 2.0 * down.float()  # sigmoid(0) = 0.5
-            state[prefix + "shared_expert_gate.weight"] = torch.zeros(1, config.hidden_size)
+            gate_weight = torch.zeros(1, config.hidden_size) if layer.shared else torch.ones(1, config.hidden_size)
+            state[prefix + "shared_expert_gate.weight"] = gate_weight
     if target == "qwen2_moe":
         for i in range(config.num_hidden_layers):
             for p in ("q_proj", "k_proj", "v_proj"):

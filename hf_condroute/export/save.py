@@ -18,12 +18,13 @@ def save_native(
     target: str | None = None,
     dtype: torch.dtype | None = None,
     tokenizer=None,
+    shared_expert: bool = True,
     **save_kwargs,
 ):
     """Export `peft_model` with `to_native` and save it to `save_directory` (weights, config, generation config, the
     tokenizer if given), with `routing_stats.json` and a README.md model card saying what it was made from.
     Returns the native model."""
-    native = to_native(peft_model, target=target, dtype=dtype)
+    native = to_native(peft_model, target=target, dtype=dtype, shared_expert=shared_expert)
     native.save_pretrained(save_directory, **save_kwargs)
     if tokenizer is not None:
         tokenizer.save_pretrained(save_directory)

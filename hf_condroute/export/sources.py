@@ -42,7 +42,7 @@ class CausalSource:
     generation_config: object = None
 
 
-def read_causal(peft_model: nn.Module) -> CausalSource:
+def read_causal(peft_model: nn.Module, shared_expert: bool = True) -> CausalSource:
     base = peft_model.get_base_model()
     adapter = peft_model.active_adapter
     config = peft_model.peft_config[adapter]
@@ -57,7 +57,7 @@ def read_causal(peft_model: nn.Module) -> CausalSource:
     for i, layer in enumerate(decoder_layers):
         mlp = layer.mlp
         if isinstance(mlp, RoutedFFN):
-            layers.append(_ffn_layer(mlp, config, adapter, f"model.layers.{i}.mlp"))
+            layers.append(_ffn_layer(mlp, config, adapter, f"model.layers.{i}.mlp", shared_expert))
         elif any(isinstance(getattr(mlp, p, None), RoutedLoraLayer) for p in MLP_PROJECTIONS):
             layers.append(_lora_layer(mlp, config, adapter, f"model.layers.{i}.mlp"))
         else:
@@ -65,7 +65,7 @@ def read_causal(peft_model: nn.Module) -> CausalSource:
     return CausalSource(base.config, _other_weights(base, adapter), layers, getattr(base, "generation_config", None))
 
 
-def _ffn_layer(mlp: RoutedFFN, config, adapter: str, name: str) -> MoELayer:
+def _ffn_layer(mlp: RoutedFFN, config, adapter: str, name: str, shared_expert: bool) -> MoELayer:
     block = mlp.blocks[adapter]
     router, bank = block.router, block.experts
     weighting = eval_weighting(config, router)
@@ -80,7 +80,7 @@ def _ffn_layer(mlp: RoutedFFN, config, adapter: str, name: str) -> MoELayer:
     up = bank.wi.detach()[order].transpose(1, 2)
     down = bank.wo.detach()[order].transpose(1, 2)
     moe = MoELayer(bias_free_router(router, name, NATIVE_ROUTER), gate, up, down, weighting, router.top_k)
-    if config.shared_neurons and weighting in (RENORMALISED, ONE):
+    if shared_expert and config.shared_neurons and weighting in (RENORMALISED, ONE):
         _extract_shared(moe, bank.neuron_index[order])
     return moe
 
