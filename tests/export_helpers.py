@@ -6,7 +6,7 @@ import re
 
 import torch
 from peft import get_peft_model
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import hf_condroute
 from hf_condroute import RoutedFFNConfig, RoutedLoraConfig
@@ -30,6 +30,15 @@ def make_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
             if name.endswith("_proj.bias"):
                 p.normal_(std=0.5)
     return model
+
+
+def make_mistral(seed: int = 0) -> MistralForCausalLM:
+    """The tiny Llama's shape as a Mistral with a sliding window shorter than the test sequences."""
+    llama = make_llama(seed).config
+    shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    values = {k: getattr(llama, k) for k in (*shape, "num_key_value_heads", "pad_token_id")}
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**values, sliding_window=4)).eval()
 
 
 def routed_ffn(base=None, seed: int = 0, **overrides):

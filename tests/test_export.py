@@ -16,7 +16,16 @@ import torch
 import hf_condroute
 
 from .conftest import make_llama
-from .export_helpers import PROMPT, make_qwen2, native_experts, reference, routed_ffn, routed_lora, routed_t5
+from .export_helpers import (
+    PROMPT,
+    make_mistral,
+    make_qwen2,
+    native_experts,
+    reference,
+    routed_ffn,
+    routed_lora,
+    routed_t5,
+)
 
 PROBE = Path(__file__).with_name("export_native_probe.py")
 IDS = torch.tensor([[3, 17, 5, 30, 8, 41, 2, 19], [11, 4, 27, 9, 33, 6, 45, 12]])
@@ -29,6 +38,8 @@ CAUSAL_CASES = {
     "ffn_shared_neurons": (lambda: routed_ffn(shared_neurons=8, expert_dim=20), "Qwen2MoeForCausalLM"),
     "ffn_dense_layers": (lambda: routed_ffn(target_modules=["model.layers.1.mlp"]), "Qwen2MoeForCausalLM"),
     "ffn_qwen2": (lambda: routed_ffn(make_qwen2()), "Qwen2MoeForCausalLM"),
+    "ffn_mistral_sliding_window": (lambda: routed_ffn(make_mistral()), "MixtralForCausalLM"),
+    "ffn_tied_embeddings": (lambda: routed_ffn(make_llama(tie_word_embeddings=True)), "MixtralForCausalLM"),
     "ffn_st_gumbel": (lambda: routed_ffn(router="st_gumbel", top_k=1), "MixtralForCausalLM"),
     "ffn_reinforce": (lambda: routed_ffn(router="reinforce", top_k=1), "MixtralForCausalLM"),
     "ffn_softmax": (lambda: routed_ffn(router="softmax"), "MixtralForCausalLM"),
@@ -69,6 +80,8 @@ EXPECTED_CONFIG = {
     "ffn_dense_layers": {"mlp_only_layers": [0], "intermediate_size": 64},
     "ffn_qwen2": {"qkv_bias": True},
     "ffn_softmax": {"num_experts_per_tok": 4},
+    "ffn_mistral_sliding_window": {"sliding_window": 4},
+    "ffn_tied_embeddings": {"tie_word_embeddings": True},
     "lora_st_gumbel": {"intermediate_size": 64, "num_local_experts": 3},
     "lora_monolithic_attention": {"num_local_experts": 1},
 }
