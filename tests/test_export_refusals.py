@@ -1,5 +1,5 @@
 """Every routed model with no exact native form gets one `ExportError` naming what blocks it and what to train with
-instead (issue 26, item 6); and the command line exports a saved adapter."""
+instead (issue 26, item 6); the command line exports a saved adapter; the card carries the routing statistics."""
 
 from __future__ import annotations
 
@@ -160,3 +160,16 @@ def test_command_line_writes_expert_loras(tmp_path):
     record = json.loads((tmp_path / "loras" / "experts.json").read_text())
     assert record["adapters"] == ["expert_0", "expert_1", "expert_2"]
     assert json.loads((tmp_path / "loras" / "expert_2" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_native_card_carries_the_routing_statistics(tmp_path):
+    model = routed_ffn()
+    hf_condroute.compute_routing_stats(model, [{"input_ids": torch.randint(1, 50, (2, 8))} for _ in range(2)])
+    hf_condroute.save_native(model, str(tmp_path))
+    card = (tmp_path / "README.md").read_text()
+    assert "### Routing statistics (of the routed model)" in card
+    assert "Measured on the **eval** data" in card
+    assert "model.layers.0.mlp" in card or "layers.0.mlp" in card
+    assert (tmp_path / "routing_load.png").is_file()
+    record = json.loads((tmp_path / "routing_stats.json").read_text())
+    assert record["routing_config"]["router_bias"] is False
