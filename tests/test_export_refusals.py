@@ -173,3 +173,17 @@ def test_native_card_carries_the_routing_statistics(tmp_path):
     assert (tmp_path / "routing_load.png").is_file()
     record = json.loads((tmp_path / "routing_stats.json").read_text())
     assert record["routing_config"]["router_bias"] is False
+
+
+def test_shared_neurons_moved_apart_in_one_layer_stay_in_every_expert():
+    """A shared expert needs the same copy in every expert of every layer (one expert width per model): here one copy
+    of layer 1 moved, so no layer gets a shared expert, and the export is a Mixtral of full slices, still exact."""
+    model = routed_ffn(shared_neurons=8, expert_dim=20)
+    bank = model.base_model.model.model.layers[1].mlp.routed_ffn_block["default"].experts
+    with torch.no_grad():
+        bank.wi[0] += 0.01
+    native = hf_condroute.to_native(model)
+    assert type(native).__name__ == "MixtralForCausalLM" and native.config.intermediate_size == 20
+    ids = torch.randint(1, 50, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(native(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)

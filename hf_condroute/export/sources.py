@@ -62,6 +62,10 @@ def read_causal(peft_model: nn.Module, shared_expert: bool = True) -> CausalSour
             layers.append(_lora_layer(mlp, config, adapter, f"model.layers.{i}.mlp"))
         else:
             layers.append({p: getattr(mlp, p).weight.detach() for p in MLP_PROJECTIONS})
+    moe = [layer for layer in layers if isinstance(layer, MoELayer)]
+    if any(layer.shared is None for layer in moe):  # one expert width for every layer: all shared experts or none
+        for layer in moe:
+            _merge_shared(layer)
     return CausalSource(base.config, _other_weights(base, adapter), layers, getattr(base, "generation_config", None))
 
 
@@ -107,6 +111,18 @@ def _extract_shared(moe: MoELayer, neuron_index: torch.Tensor) -> None:
     moe.gate = torch.stack([moe.gate[e][keep[e]] for e in range(n)])
     moe.up = torch.stack([moe.up[e][keep[e]] for e in range(n)])
     moe.down = torch.stack([moe.down[e][:, keep[e]] for e in range(n)])
+
+
+def _merge_shared(moe: MoELayer) -> None:
+    """Put an extracted shared expert back into every expert (the neurons' order within an expert does not matter)."""
+    if moe.shared is None:
+        return
+    gate, up, down = moe.shared
+    n = moe.gate.shape[0]
+    moe.gate = torch.cat([moe.gate, gate.expand(n, -1, -1)], dim=1)
+    moe.up = torch.cat([moe.up, up.expand(n, -1, -1)], dim=1)
+    moe.down = torch.cat([moe.down, down.expand(n, -1, -1)], dim=2)
+    moe.shared = None
 
 
 def _lora_layer(mlp: nn.Module, config, adapter: str, name: str) -> MoELayer:
