@@ -187,3 +187,13 @@ def test_shared_neurons_moved_apart_in_one_layer_stay_in_every_expert():
     ids = torch.randint(1, 50, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(native(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_command_line_refusal_is_one_message(tmp_path, capsys):
+    base = make_llama()
+    base.save_pretrained(tmp_path / "base")
+    routed_ffn(base, routing_granularity="example").save_pretrained(tmp_path / "adapter")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "adapter"), "--out", str(tmp_path / "native"), "--base", str(tmp_path / "base")])
+    assert exit_info.value.code == 2
+    assert "error: Cannot export per-example routing" in capsys.readouterr().err

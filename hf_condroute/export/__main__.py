@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     from peft import PeftConfig, PeftModel
 
     # `python -m hf_condroute.export` ran the package's __init__ first, which registered the routed PEFT types
-    from . import save_expert_loras, save_native
+    from . import ExportError, save_expert_loras, save_native
 
     config = PeftConfig.from_pretrained(args.adapter_dir)
     base_id = args.base or config.base_model_name_or_path
@@ -39,17 +39,28 @@ def main(argv: list[str] | None = None) -> None:
     base = auto.from_pretrained(base_id, dtype="auto")
     model = PeftModel.from_pretrained(base, args.adapter_dir).eval()
     if args.expert_loras:
-        for folder in save_expert_loras(model, args.out):
-            print(folder)
+        try:
+            folders = save_expert_loras(model, args.out)
+        except ExportError as err:
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
+        print("\n".join(folders))
         return
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(base_id)
     except (OSError, ValueError):
         tokenizer = None  # a base saved without a tokenizer
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    native = save_native(
-        model, args.out, target=args.target, dtype=dtype, tokenizer=tokenizer, shared_expert=not args.no_shared_expert
-    )
+    try:
+        native = save_native(
+            model,
+            args.out,
+            target=args.target,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            shared_expert=not args.no_shared_expert,
+        )
+    except ExportError as err:  # the blocker and the fix, without a traceback around them
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"{type(native).__name__} written to {args.out}")
 
 
