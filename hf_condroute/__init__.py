@@ -13,6 +13,7 @@ from .block import RoutedBlock, RoutingInputs, RoutingStep
 from .block.api import get_routing, get_routing_losses, last_step, routing_loss, set_reward
 from .block.multigate import MultiGateBlock
 from .experts import AdapterBank, EmbeddingBank, ExpertBank, LoraBank
+from .export import ExportError, save_expert_loras, save_native, to_native
 from .integrations.callbacks import RoutingStatsCallback
 from .integrations.local_search import LocalSearchCallback, LocalSearchResult, local_search, relabel_experts
 from .routers import ROUTERS, Router, RoutingDecision, build_router, register_router
@@ -38,6 +39,7 @@ __all__ = [
     "AdapterBank",
     "EmbeddingBank",
     "ExpertBank",
+    "ExportError",
     "LoraBank",
     "active_subnetworks",
     "focus_cover",
@@ -71,7 +73,10 @@ __all__ = [
     "last_step",
     "register_router",
     "routing_loss",
+    "save_expert_loras",
+    "save_native",
     "save_routing_stats",
     "set_reward",
     "set_routing_stats",
+    "to_native",
 ]

@@ -20,6 +20,7 @@ ALLOWED = {
     "moebert": {"routers", "experts", "block", "architectures"},
     "tuners": {"routers", "experts", "block", "stats", "moebert", "architectures"},  # the routed FFN is MoEBERT's
     "integrations": {"routers", "experts", "block", "stats", "tuners", "moebert", "architectures"},
+    "export": {"routers", "experts", "block", "stats", "tuners", "moebert", "architectures"},
 }
 LIBRARY_LINE_LIMIT = 400
 

@@ -57,13 +57,21 @@ class RouterNetwork(nn.Module):
     """Paper A's router: BatchNorm1d (whose running statistics are right after a short run, see `norm`) then Linear
     to N logits (the softmax is applied by the router)."""
 
-    def __init__(self, in_features: int, num_experts: int, batchnorm: bool = True, init_std: float | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        batchnorm: bool = True,
+        init_std: float | None = None,
+        bias: bool = True,
+    ):
         super().__init__()
         self.norm = RouterBatchNorm1d(in_features) if batchnorm else nn.Identity()
-        self.proj = nn.Linear(in_features, num_experts)
+        self.proj = nn.Linear(in_features, num_experts, bias=bias)
         if init_std is not None:
             nn.init.normal_(self.proj.weight, std=init_std)
-            nn.init.zeros_(self.proj.bias)
+            if bias:
+                nn.init.zeros_(self.proj.bias)
 
     @property
     def dtype(self) -> torch.dtype:  # read per call by `run_in_float32`: cheaper than walking parameters()
@@ -130,7 +138,9 @@ class Router(nn.Module):
 
     # ----- learned routers -------------------------------------------------------------------------
     def build_network(self, in_features: int, num_experts: int, config: RoutingConfig) -> nn.Module:
-        return RouterNetwork(in_features, num_experts, config.router_batchnorm, config.router_init_std)
+        return RouterNetwork(
+            in_features, num_experts, config.router_batchnorm, config.router_init_std, config.router_bias
+        )
 
     def _apply(self, fn, recurse=True):
         # Routing maths stays float32 whatever the model's dtype (as transformers' Switch router): a cast of the model

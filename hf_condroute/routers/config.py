@@ -40,6 +40,14 @@ class RoutingConfig:
             "help": "Router network is BatchNorm, Linear, softmax (paper A); False drops the BatchNorm.",
         },
     )
+    router_bias: bool = field(
+        default=True,
+        metadata={
+            "check": Flag(),
+            "help": "The router Linear has a bias (paper A). False: a bias-free Linear, as the routers of Mixtral and "
+            "Qwen2-MoE, so that `hf_condroute.to_native` can export the model (with `router_batchnorm=False`).",
+        },
+    )
     router_init_std: float | None = field(
         default=None,
         metadata={

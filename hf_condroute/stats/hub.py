@@ -299,9 +299,10 @@ def template_path(name: str = DEFAULT_TEMPLATE) -> Path:
     )
 
 
-def render_model_card(folder: str, template: str | None = None, repo_hint: str | None = None) -> str:
+def render_model_card(folder: str, template: str | None = None, repo_hint: str | None = None, **context) -> str:
     """The routing part of the model card of a saved folder, from its routing_stats.json files (markdown,
-    between the generated-section markers)."""
+    between the generated-section markers). `context`: more variables for a template of one's own (the native
+    export's card)."""
     records = load_routing_stats(folder)
     if not records:
         raise FileNotFoundError(f"No {ROUTING_STATS_NAME} in {folder} or its adapter subfolders: save the model first.")
@@ -320,6 +321,7 @@ def render_model_card(folder: str, template: str | None = None, repo_hint: str |
         repo_hint=repo_hint or "<this repository or folder>",
         uses_tags=any(a["config"].get("router") == "tag" or a["config"].get("tag_supervision_coef") for a in adapters),
         versions=_versions(),
+        **context,
     )
     return f"{CARD_START}\n{body.strip()}\n{CARD_END}"
 
@@ -342,10 +344,11 @@ def _is_boilerplate(text: str) -> bool:
     return True
 
 
-def update_model_card(folder: str, template: str | None = None) -> str | None:
+def update_model_card(folder: str, template: str | None = None, library_name: str = "peft", **context) -> str | None:
     """Put the routing section into `folder`/README.md (creating it if needed); None if the folder has no
     routing_stats.json. A previous routing section is replaced, a default template body replaced, and any
-    other text kept, with the section appended."""
+    other text kept, with the section appended. `library_name` is the card's (a native export's is
+    "transformers"); `context` goes to the template."""
     records = load_routing_stats(folder)
     if not records:
         return None
@@ -355,7 +358,7 @@ def update_model_card(folder: str, template: str | None = None) -> str | None:
         except FileNotFoundError as e:  # never fail a save over the card: the statistics are written already
             warnings.warn(f"{e} The model card was not updated.", stacklevel=2)
             return None
-    section = render_model_card(folder, template)
+    section = render_model_card(folder, template, **context)
     path = os.path.join(folder, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard("---\n---\n")
     text = card.text
@@ -370,7 +373,7 @@ def update_model_card(folder: str, template: str | None = None) -> str | None:
     card.text = text
     data = card.data
     if not data.get("library_name") or generated:
-        data.library_name = "peft"  # transformers' push_to_hub card says "transformers": this is a PEFT adapter
+        data.library_name = library_name  # transformers' push_to_hub card says "transformers": a PEFT adapter's is peft
     base = next((r.get("base_model") for r in records.values() if r.get("base_model")), None)
     if base and not data.get("base_model"):
         data.base_model = base
