@@ -40,6 +40,15 @@ class RoutingConfig:
             "help": "Router network is BatchNorm, Linear, softmax (paper A); False drops the BatchNorm.",
         },
     )
+    router_detach_input: bool = field(
+        default=False,
+        metadata={
+            "check": Flag(),
+            "help": "Learned routers read a detached copy of their input: the routing losses (tag supervision, load "
+            "balance) and the task gradient through the routing weights train the router only, never the layers "
+            "below it. Paper A's code does not detach (only REINFORCE's baseline reads a detached input).",
+        },
+    )
     router_init_std: float | None = field(
         default=None,
         metadata={

@@ -22,7 +22,7 @@ from .data import NUM_VALUES, DAESynData
 from .model import DAEConfig, DiscreteAutoencoder, routing_configs
 
 # the routers whose decisions are learned, so tag supervision and subnet init apply to them
-LEARNED_ROUTERS = ("top_k", "st_gumbel", "reinforce", "moesart")
+LEARNED_ROUTERS = ("top_k", "st_gumbel", "reinforce", "moesart", "dselect_k", "comet", "smear")
 PAPER_GUMBEL_STEPS = 100_000  # the paper code: anneal rate 1e-4 (the core default) over 100k steps
 
 
