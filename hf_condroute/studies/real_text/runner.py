@@ -21,6 +21,7 @@ import torch
 from peft import get_peft_model
 from tqdm.auto import tqdm
 
+from ..pool import InProcess
 from .data import Splits, SplitSizes, verbalizer_ids
 from .model import Backbone, load_pretrained
 from .rows import TUNED_ROWS, Row, get_rows, peft_config
@@ -109,18 +110,6 @@ def _run(*args):
     return run_one(_ctx, *args)
 
 
-class _InProcess:
-    """The executor interface, running each task at submit."""
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def shutdown(self, cancel_futures: bool = False) -> None:
-        pass
-
-
 def run_study(ctx: Context, row_names, seeds: int, workers: int, model_path: str | None, progress: bool = True):
     """{"lr": {family: chosen lr}, "tuning": {row: {lr: validation scores}}, "rows": {row: [scores per seed]}}.
     workers > 1 needs `model_path`, a folder the worker processes load the model from."""
@@ -143,7 +132,7 @@ def run_study(ctx: Context, row_names, seeds: int, workers: int, model_path: str
     bar = tqdm(total=runs, unit="run", desc="real text", disable=not progress)
     with tempfile.TemporaryDirectory(prefix="real_text_") as tmp:
         if workers == 1:
-            _ctx, executor = ctx, _InProcess()
+            _ctx, executor = ctx, InProcess()
         else:
             features_path = os.path.join(tmp, "features.pt")
             torch.save({"label_ids": ctx.label_ids, "sources": ctx.sources, "data": ctx.data}, features_path)

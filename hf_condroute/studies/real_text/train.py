@@ -19,6 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from hf_condroute import get_routing, routing_focus_cover, routing_loss
 
+from ..rows import supervised_tags
 from .data import Review, encode
 from .model import Backbone, Batch, label_logits, left_pad
 
@@ -70,15 +71,6 @@ def encode_split(
     labels = torch.tensor([r.label for r in reviews], dtype=torch.long)
     sources = torch.tensor([r.source for r in reviews], dtype=torch.long)
     return Encoded(features, labels, sources, key_offset)
-
-
-def supervised_tags(sources: torch.Tensor, percent: int, seed: int) -> torch.Tensor:
-    """`sources` with -100 outside a fixed random subset of round(percent% of the examples), chosen by `seed`."""
-    n = sources.shape[0]
-    keep = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))[: round(n * percent / 100)]
-    out = torch.full_like(sources, -100)
-    out[keep] = sources[keep]
-    return out
 
 
 def routing_kwargs(row, data: Encoded, idx: list[int], tags: torch.Tensor | None) -> dict:
