@@ -208,6 +208,23 @@ def test_recipe_on_an_image_folder_with_a_given_backbone(tmp_path):
     assert tag["focus"] == 1.0 and tag["cover"] == 1.0
 
 
+def test_recipe_detaches_router_inputs_and_scales_supervision_on_request(tmp_path):
+    """--detach-router-input sets router_detach_input on every block; --tag-supervision-coef weighs the +sup rows."""
+    _write_folder(tmp_path / "dn", domains=("clipart", "quickdraw", "sketch"))
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5)
+    ResNetForImageClassification(config).save_pretrained(tmp_path / "resnet")
+    recipe = load_recipe("res_dom")
+    result = recipe.main(["--dataset", str(tmp_path / "dn"), "--model_name_or_path", str(tmp_path / "resnet"),
+                          "--image-size", "16", "--steps", "2", "--probe-steps", "1", "--batch-size", "4",
+                          "--seeds", "1", "--test-fraction", "0.5", "--routing", "top_k+sup10",
+                          "--detach-router-input", "--tag-supervision-coef", "0.1",
+                          "--output-dir", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    text = result["meta"]["settings_text"]
+    assert "tag supervision coefficient 0.1 per block; detached router inputs" in text
+    assert (tmp_path / "out" / "res_dom_custom.json").exists()
+
+
 def test_bad_flags_are_refused_before_any_training(tmp_path):
     recipe = load_recipe("res_dom")
     with pytest.raises(ValueError, match="--dataset needs --model_name_or_path"):
