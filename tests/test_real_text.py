@@ -187,3 +187,16 @@ def test_quick_recipe_runs_every_row_offline(stand_in, tmp_path):
         assert os.path.getsize(tmp_path / f"real_text_quick.{ext}") > 0
     with pytest.raises(ValueError, match="Unknown row"):
         real_text.main(["--quick", "--model", model_dir, "--csv", csv_path, "--rows", "nope"])
+
+
+def test_estimate_times_every_row_and_scales_to_the_full_run(stand_in, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
+    import real_text
+
+    model_dir, csv_path = stand_in
+    out = real_text.main(["--estimate", "--quick", "--model", model_dir, "--csv", csv_path, "--workers", "2",
+                          "--rows", "LoRA", "--rows", "top_k", "--rows", "X-LoRA"])  # fmt: skip
+    assert set(out["rows"]) == {"tag", "LoRA", "top_k", "X-LoRA"}  # X-LoRA needs the tag row: timed too
+    assert all(t["step_cpu_seconds"] > 0 for t in out["rows"].values())
+    assert out["estimated_wall_seconds"] >= out["features_seconds"] > 0
+    assert "estimated wall time with 2 worker(s)" in capsys.readouterr().out

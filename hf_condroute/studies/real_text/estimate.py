@@ -26,6 +26,8 @@ def estimate_study(ctx: Context, row_names, seeds: int, workers: int, features_s
     per_review_features = features_seconds / sampled
     num_sources = len(ctx.sources)
     rows, timings, experts = get_rows(row_names), {}, None
+    if any(r.needs_tag_row for r in rows) and all(r.name != "tag" for r in rows):
+        rows.insert(0, get_rows(["tag"])[0])  # X-LoRA's LoRAs: the full run trains it too, unreported
     with tempfile.TemporaryDirectory() as tmp:
         for row in sorted(rows, key=lambda r: r.name != "tag"):
             start = time.process_time()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from hf_condroute import get_routing, routing_focus_cover, routing_loss
+from hf_condroute import RoutingDecision, get_routing, routing_focus_cover, routing_loss
 
 from ..rows import supervised_tags
 from .data import Review, encode
@@ -139,18 +139,16 @@ def token_rows(decision, tags: torch.Tensor):
     return rows, tags.unsqueeze(1).expand(real.shape)[real]
 
 
-def xlora_decisions(model, tags: torch.Tensor):
-    """X-LoRA's last scalings (B, L, layers, LoRAs) as per-token top-1 decisions, one block per adapted layer."""
-    from hf_condroute import RoutingDecision
-
-    scalings = model.get_latest_scalings()
-    real = scalings.abs().sum(dim=(2, 3)) > 0
+def xlora_decisions(model, tags: torch.Tensor, mask: torch.Tensor):
+    """X-LoRA's last scalings (B, L, layers, LoRAs) as per-token top-1 decisions on the real tokens (`mask`), one
+    block per adapted layer."""
+    real = mask.bool()
+    scalings = model.get_latest_scalings()[real].float()  # (tokens, layers, LoRAs)
     out = {}
-    for layer in range(scalings.shape[2]):
-        probs = scalings[:, :, layer][real].float()
-        out[f"layer{layer}"] = RoutingDecision(
-            probs.argmax(-1, keepdim=True), probs.max(-1, keepdim=True).values, probs
-        )
+    for layer in range(scalings.shape[1]):
+        probs = scalings[:, layer]
+        top = probs.max(-1, keepdim=True)
+        out[f"layer{layer}"] = RoutingDecision(top.indices, top.values, probs)
     return out, tags.unsqueeze(1).expand(real.shape)[real]
 
 
@@ -171,7 +169,7 @@ def evaluate(model, data: Encoded, row, label_ids: list[int], num_sources: int, 
         if row.learned:
             source = data.sources[idx]
             if row.method == "xlora":
-                decisions, source = xlora_decisions(model, source)
+                decisions, source = xlora_decisions(model, source, batch.attention_mask)
             else:
                 decisions = {}
                 for name, decision in get_routing(model).items():
