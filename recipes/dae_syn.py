@@ -1,11 +1,12 @@
 """Paper A's DAE-Syn study on a CPU: every router, tag supervision and subnet init, 3 seeds, one command.
 
-    python recipes/dae_syn.py                                  # the whole study (42 min on 2 idle cores)
+    python recipes/dae_syn.py                                  # the whole study (~70 min on 2 idle cores, see README)
     python recipes/dae_syn.py --quick                          # every row, 1 seed, a few steps (a smoke test)
     python recipes/dae_syn.py --routing top_k --routing top_k+sup10 --seeds 1 --steps 1000
 
-Rows: tag, hash, monolithic, top_k, st_gumbel, reinforce, moesart; ROUTER+sup1/sup10/sup100 (tag supervision on
-that percentage of the images) and ROUTER+init (experts and decoder from the tag row) for the learned routers.
+Rows: tag, hash, monolithic, top_k, st_gumbel, reinforce, moesart, dselect_k, comet, smear; ROUTER+sup1/sup10/sup100
+(tag supervision on that percentage of the images) and ROUTER+init (experts and decoder from the tag row) for the
+learned routers.
 The full default study writes <output-dir>/dae_syn.{json,md,png}; --quick writes dae_syn_quick.* (into runs/, ignored by
 git, unless --output-dir is given), any other run
 dae_syn_custom.*, so a partial run never replaces the full study's results.

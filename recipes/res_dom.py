@@ -90,6 +90,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="AdamW learning rate (peak of the schedule)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     p.add_argument("--adapter-dim", type=int, default=DEFAULTS.adapters.adapter_dim)
+    p.add_argument(
+        "--tag-supervision-coef",
+        type=float,
+        default=DEFAULTS.tag_supervision_coef,
+        help="weight of each block's tag cross-entropy in the +sup rows",
+    )
+    p.add_argument(
+        "--detach-router-input",
+        action="store_true",
+        help="routers read a detached copy of the block output (router_detach_input): supervision trains the "
+        "routers only, not the adapters below (paper A's code does not detach)",
+    )
     p.add_argument("--image-size", type=int, default=32, help="side of the images (built-in data: at least 16)")
     p.add_argument(
         "--overlap",
@@ -195,8 +207,12 @@ def main(argv=None) -> dict:
     probe_steps = (
         args.probe_steps if args.probe_steps is not None else (QUICK_PROBE_STEPS if args.quick else DEFAULTS.steps)
     )
-    adapters = AdapterSettings(num_experts=len(train.domain_names), adapter_dim=args.adapter_dim)
-    settings = TrainSettings(steps=steps, lr=args.lr, batch_size=args.batch_size, adapters=adapters)
+    extra = {"router_detach_input": True} if args.detach_router_input else {}
+    adapters = AdapterSettings(num_experts=len(train.domain_names), adapter_dim=args.adapter_dim, extra=extra)
+    settings = TrainSettings(
+        steps=steps, lr=args.lr, batch_size=args.batch_size, tag_supervision_coef=args.tag_supervision_coef,
+        adapters=adapters,
+    )  # fmt: skip
     backbone_settings = BackboneSettings(pretrain_steps=args.pretrain_steps)
     builtin_default = (args.dataset is None and args.image_size == 32 and args.overlap == DEFAULT_OVERLAP
                        and args.max_digits is None and backbone_settings == BackboneSettings())  # fmt: skip
@@ -225,7 +241,8 @@ def main(argv=None) -> dict:
             f"{len(train)} training / {len(test)} test images of {args.image_size}x{args.image_size}; {steps} steps of "
             f"batch {settings.batch_size}, AdamW lr {settings.lr:g} (10% warm-up, linear decay), "
             f"{adapters.num_experts} experts of size {adapters.adapter_dim} per block, tag supervision coefficient "
-            f"{settings.tag_supervision_coef:g} per block; {seeds} seed(s); {args.threads} torch thread(s); "
+            f"{settings.tag_supervision_coef:g} per block{'; detached router inputs' if extra else ''}; "
+            f"{seeds} seed(s); {args.threads} torch thread(s); "
             f"wall time {wall / 60:.1f} min."
         ),
     }

@@ -216,7 +216,7 @@ def test_tag_routing_scores_focus_and_cover_one_and_monolithic_does_not(data):
 # ----- rows, summaries and outputs ----------------------------------------------------------------------
 def test_rows_and_names():
     names = [r.name for r in default_rows()]
-    assert len(names) == 7 + 3 * 4 + 4 == len(set(names))
+    assert len(names) == 10 + 3 * 7 + 7 == len(set(names))
     assert {"tag", "hash", "monolithic", "top_k", "moesart", "top_k+sup10", "reinforce+sup1", "st_gumbel+init"} <= set(
         names
     )

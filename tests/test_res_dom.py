@@ -191,14 +191,19 @@ def test_study_end_to_end_smaller_than_quick(tmp_path):
     assert "| tag |" in (tmp_path / "res_dom_custom.md").read_text()
 
 
-def test_recipe_on_an_image_folder_with_a_given_backbone(tmp_path):
-    """The Hub path without the Hub: --dataset an image folder, --model_name_or_path a saved ResNet."""
+def _folder_and_backbone(tmp_path) -> list[str]:
+    """Three domains in an image folder and a saved tiny ResNet: the recipe's flags that use them."""
     _write_folder(tmp_path / "dn", domains=("clipart", "quickdraw", "sketch"))
     torch.manual_seed(0)
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5)
     ResNetForImageClassification(config).save_pretrained(tmp_path / "resnet")
+    return ["--dataset", str(tmp_path / "dn"), "--model_name_or_path", str(tmp_path / "resnet")]
+
+
+def test_recipe_on_an_image_folder_with_a_given_backbone(tmp_path):
+    """The Hub path without the Hub: --dataset an image folder, --model_name_or_path a saved ResNet."""
     recipe = load_recipe("res_dom")
-    result = recipe.main(["--dataset", str(tmp_path / "dn"), "--model_name_or_path", str(tmp_path / "resnet"),
+    result = recipe.main([*_folder_and_backbone(tmp_path),
                           "--image-size", "16", "--steps", "2", "--probe-steps", "2", "--batch-size", "4",
                           "--seeds", "1", "--test-fraction", "0.5", "--routing", "tag", "--routing", "top_k",
                           "--output-dir", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
@@ -206,6 +211,26 @@ def test_recipe_on_an_image_folder_with_a_given_backbone(tmp_path):
     assert set(tag["domain_accuracy"]) == {"clipart", "quickdraw", "sketch"}
     assert all(len(load) == 3 for load in tag["load"].values()) and len(tag["load"]) == 2  # 3 domains, 2 blocks
     assert tag["focus"] == 1.0 and tag["cover"] == 1.0
+
+
+def test_recipe_detaches_router_inputs_and_scales_supervision_on_request(tmp_path):
+    """--detach-router-input sets router_detach_input on every block; --tag-supervision-coef weighs the +sup rows."""
+    recipe = load_recipe("res_dom")
+    result = recipe.main([*_folder_and_backbone(tmp_path),
+                          "--image-size", "16", "--steps", "2", "--probe-steps", "1", "--batch-size", "4",
+                          "--seeds", "1", "--test-fraction", "0.5", "--routing", "top_k+sup10",
+                          "--detach-router-input", "--tag-supervision-coef", "0.1",
+                          "--output-dir", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    text = result["meta"]["settings_text"]
+    assert "tag supervision coefficient 0.1 per block; detached router inputs" in text
+    assert (tmp_path / "out" / "res_dom_custom.json").exists()
+    # the flag travels as a RoutedAdapterConfig field to every block's router
+    from hf_condroute.studies.res_dom.model import AdapterSettings, routed_model
+
+    settings = AdapterSettings(num_experts=3, extra={"router_detach_input": True})
+    model = routed_model(str(tmp_path / "resnet"), 5, "top_k", settings, seed=0)
+    routers = [m for m in model.modules() if type(m).__name__ == "TopKRouter"]
+    assert routers and all(r.config.router_detach_input for r in routers)
 
 
 def test_bad_flags_are_refused_before_any_training(tmp_path):

@@ -161,6 +161,8 @@ class Router(nn.Module):
                 "BatchNorm needs at least 2. Use a batch of 2 or more examples, per-token routing, or "
                 "`router_batchnorm=False`."
             )
+        if self.config.router_detach_input:  # no routing gradient reaches the layers below (or earlier adapters)
+            x = x.detach()
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = run_in_float32(self.network, x)

@@ -48,6 +48,15 @@ class RoutingConfig:
             "Qwen2-MoE, so that `hf_condroute.to_native` can export the model (with `router_batchnorm=False`).",
         },
     )
+    router_detach_input: bool = field(
+        default=False,
+        metadata={
+            "check": Flag(),
+            "help": "Learned routers read a detached copy of their input: the routing losses (tag supervision, load "
+            "balance) and the task gradient through the routing weights train the router only, never the layers "
+            "below it. Paper A's code does not detach (only REINFORCE's baseline reads a detached input).",
+        },
+    )
     router_init_std: float | None = field(
         default=None,
         metadata={

@@ -70,6 +70,16 @@ class StudyRow:
         return rows
 
 
+def supervised_tags(tags: torch.Tensor, percent: int, seed: int) -> torch.Tensor:
+    """`tags` (examples, ...) with -100 outside a fixed random subset of round(percent% of the examples), chosen by
+    `seed`: the examples whose tags supervise the routers (paper A 4.4)."""
+    n = tags.shape[0]
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))[: round(n * percent / 100)]
+    out = torch.full_like(tags, -100)
+    out[keep] = tags[keep]
+    return out
+
+
 def sem(values: list[float]) -> float | None:
     """The standard error of the mean (None for a single value)."""
     n = len(values)

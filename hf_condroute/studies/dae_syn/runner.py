@@ -14,6 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 import torch
 from tqdm.auto import tqdm
 
+from ..pool import InProcess
 from .data import DAESynData, make_dataset
 from .study import Row, TrainSettings, run_row
 
@@ -43,18 +44,6 @@ def _count(n: int) -> None:
 
 def _run(row: Row, seed: int, settings: TrainSettings, pretrained):
     return run_row(row, seed, _dataset(settings.model.image_size), settings, pretrained, on_steps=_count)
-
-
-class _InProcess:
-    """The executor interface, running each task at submit: one worker needs no process."""
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def shutdown(self, cancel_futures: bool = False) -> None:
-        pass
 
 
 def run_study(
@@ -92,7 +81,7 @@ def run_study(
         previous_threads = torch.get_num_threads()
         _init_worker(counter, threads)
         _listener = refresh
-        executor = _InProcess()
+        executor = InProcess()
     else:
         executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, threads))
 

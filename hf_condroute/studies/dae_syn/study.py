@@ -17,12 +17,12 @@ from transformers import get_linear_schedule_with_warmup
 from hf_condroute import RoutingStep, routing_focus_cover
 from hf_condroute.routers import router_class
 
-from ..rows import HEURISTIC_ROUTERS, SUPERVISION_PERCENTS, StudyRow, sem  # noqa: F401
+from ..rows import HEURISTIC_ROUTERS, SUPERVISION_PERCENTS, StudyRow, sem, supervised_tags  # noqa: F401
 from .data import NUM_VALUES, DAESynData
 from .model import DAEConfig, DiscreteAutoencoder, routing_configs
 
 # the routers whose decisions are learned, so tag supervision and subnet init apply to them
-LEARNED_ROUTERS = ("top_k", "st_gumbel", "reinforce", "moesart")
+LEARNED_ROUTERS = ("top_k", "st_gumbel", "reinforce", "moesart", "dselect_k", "comet", "smear")
 PAPER_GUMBEL_STEPS = 100_000  # the paper code: anneal rate 1e-4 (the core default) over 100k steps
 
 
@@ -67,15 +67,6 @@ def routing_for(row: Row, settings: TrainSettings, seed: int) -> list:
     if row.supervision_percent:
         overrides["tag_supervision_coef"] = settings.tag_supervision_coef
     return routing_configs(row.router, **overrides)
-
-
-def supervised_tags(tags: torch.Tensor, percent: int, seed: int) -> torch.Tensor:
-    """`tags` with -100 outside a fixed random subset of round(percent% of the images), chosen by `seed`."""
-    n = tags.shape[0]
-    keep = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))[: round(n * percent / 100)]
-    out = torch.full_like(tags, -100)
-    out[keep] = tags[keep]
-    return out
 
 
 def per_image_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

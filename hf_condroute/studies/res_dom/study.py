@@ -22,7 +22,7 @@ from hf_condroute.integrations.warm_start import load_experts_from
 from hf_condroute.routers import router_class
 from hf_condroute.stats.metrics import expert_counts, expert_load, routing_focus_cover
 
-from ..rows import HEURISTIC_ROUTERS, SUPERVISION_PERCENTS, StudyRow, sem  # noqa: F401
+from ..rows import HEURISTIC_ROUTERS, SUPERVISION_PERCENTS, StudyRow, sem, supervised_tags  # noqa: F401
 from .data import ResDomData
 from .model import AdapterSettings, ResDomDataset, routed_model, training_arguments
 
@@ -70,15 +70,6 @@ def adapter_settings(row: Row, settings: TrainSettings, seed: int) -> AdapterSet
     if row.supervision_percent:
         extra["tag_supervision_coef"] = settings.tag_supervision_coef
     return AdapterSettings(settings.adapters.num_experts, settings.adapters.adapter_dim, extra)
-
-
-def supervised_tags(domains: torch.Tensor, percent: int, seed: int) -> torch.Tensor:
-    """`domains` with -100 outside a fixed random subset of round(percent% of the images), chosen by `seed`."""
-    n = domains.shape[0]
-    keep = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))[: round(n * percent / 100)]
-    out = torch.full_like(domains, -100)
-    out[keep] = domains[keep]
-    return out
 
 
 def training_tags(row: Row, data: ResDomData, seed: int) -> torch.Tensor:
