@@ -28,7 +28,7 @@ from hf_condroute.studies.real_text.data import (  # noqa: E402
 from hf_condroute.studies.real_text.model import Backbone, label_logits, left_pad, load_pretrained  # noqa: E402
 from hf_condroute.studies.real_text.rows import ROW_NAMES, get_rows, peft_config  # noqa: E402
 from hf_condroute.studies.real_text.train import Encoded, encode_split  # noqa: E402
-from hf_condroute.studies.real_text.xlora import save_expert_loras  # noqa: E402
+from hf_condroute.studies.real_text.xlora import expert_adapters  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_tag_row_experts_become_ordinary_loras(stand_in, tmp_path):
     for name, p in routed.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p)  # trained-looking experts (B is zero at init)
-    paths = save_expert_loras(routed, backbone.top_model, str(tmp_path))
+    paths = expert_adapters(routed, str(tmp_path))
     assert list(paths) == ["0", "1"]
     reviews = [Review("the film was great", 1, 0), Review("dull plot", 0, 1)]
     enc: Encoded = encode_split(backbone, tokenizer, reviews, 8, batch_size=2)

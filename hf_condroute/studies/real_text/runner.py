@@ -26,7 +26,7 @@ from .data import Splits, SplitSizes, verbalizer_ids
 from .model import Backbone, load_pretrained
 from .rows import TUNED_ROWS, Row, get_rows, peft_config
 from .train import EXAMPLE_ROUTING_WARNING, TEST_KEY_OFFSET, Encoded, encode_split, evaluate, train
-from .xlora import save_expert_loras, xlora_model
+from .xlora import expert_adapters, xlora_model
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def run_one(ctx: Context, row: Row, seed: int, lr: float, split: str, experts: d
     scores = evaluate(model, ctx.data[split], row, ctx.label_ids, len(ctx.sources), s.eval_batch_size)
     scores.update(timing, lr=lr, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     if save_to is not None:
-        scores["experts"] = save_expert_loras(model, ctx.backbone.top_model, save_to)
+        scores["experts"] = expert_adapters(model, save_to)
     return scores
 
 
