@@ -250,10 +250,10 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[GlueRecipeArguments,
 def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArguments):
     """Load (and check) the data, build the routed model, train, evaluate; returns (trainer, results)."""
     tasks = get_tasks(args.tasks)
-    with usage_errors(), from_the_hub("the model", args.model_name_or_path, MODEL_OPTION):
-        model_config = AutoConfig.from_pretrained(args.model_name_or_path)  # a small file: fails before the data
     with training_args.main_process_first(desc="loading GLUE"), usage_errors():
         raw = load_glue(tasks, args.data_dir)  # every data problem is reported before the model is loaded
+    with usage_errors(), from_the_hub("the model", args.model_name_or_path, MODEL_OPTION):
+        model_config = AutoConfig.from_pretrained(args.model_name_or_path)  # a small file: fails before the weights
 
     set_seed(training_args.seed)
     with usage_errors(), from_the_hub("the tokenizer", args.model_name_or_path, MODEL_OPTION):

@@ -160,6 +160,13 @@ def check_args(args: argparse.Namespace) -> None:
             "--dataset needs --model_name_or_path: a pretrained ResNet to freeze (e.g. microsoft/resnet-18, or a "
             "local save_pretrained folder). Without --dataset the recipe pretrains its own on the built-in data."
         )
+    if args.dataset is not None:
+        local = os.path.isabs(args.dataset) or args.dataset.startswith(".") or args.dataset.count("/") > 1
+        if local and not os.path.exists(args.dataset):  # a Hub id is `owner/name`
+            raise FileNotFoundError(
+                f"--dataset {args.dataset} does not exist: give an image folder laid out <domain>/<class>/*.jpg, a "
+                "`save_to_disk` folder, or a Hub id (owner/name)."
+            )
 
 
 def load_data(args: argparse.Namespace):
@@ -167,12 +174,6 @@ def load_data(args: argparse.Namespace):
     if args.dataset is None:
         splits = make_splits(args.image_size, args.overlap, max_digits=args.max_digits)
         return splits.train, splits.test, splits.pretrain
-    local = os.path.isabs(args.dataset) or args.dataset.startswith(".") or args.dataset.count("/") > 1
-    if local and not os.path.exists(args.dataset):  # a Hub id is `owner/name`
-        raise FileNotFoundError(
-            f"--dataset {args.dataset} does not exist: give an image folder laid out <domain>/<class>/*.jpg, a "
-            "`save_to_disk` folder, or a Hub id (owner/name)."
-        )
     if os.path.isdir(args.dataset) and not os.path.exists(os.path.join(args.dataset, "dataset_dict.json")) \
             and not os.path.exists(os.path.join(args.dataset, "dataset_info.json")):  # fmt: skip
         train, test = split_by_fraction(load_image_folder(args.dataset, args.image_size), args.test_fraction)

@@ -101,13 +101,14 @@ def output(name: str, folder: str) -> list[str]:
 def cases(tmp: str) -> dict[str, tuple[str, list[str], str]]:
     """{case id: (recipe, argv, a phrase the one paragraph must hold)}"""
     t5 = os.path.join(tmp, "t5")  # a local T5 config: the GLUE data is what cannot load
+    glue = os.path.join(tmp, "glue")  # local GLUE data: the model is what cannot load
     out = {}
     for name, flags in NUMERIC.items():
         for flag, value in flags:
             argv = [*REQUIRED.get(name, []), flag, value, *output(name, os.path.join(tmp, "out"))]
             out[f"{name} {flag} {value}"] = (name, argv, flag.lstrip("-"))  # TrainingArguments: no dashes
     hub = {
-        "glue model": ("glue", ["--model_name_or_path", BOGUS], "--model_name_or_path"),
+        "glue model": ("glue", ["--model_name_or_path", BOGUS, "--data_dir", glue], "--model_name_or_path"),
         "glue data": ("glue", ["--model_name_or_path", t5], "--data_dir"),
         "moebert model": ("moebert", ["--model_name_or_path", BOGUS, "--task", "rte"], "--model_name_or_path"),
         "res_dom model": (
@@ -131,7 +132,10 @@ def cases(tmp: str) -> dict[str, tuple[str, list[str], str]]:
 def results(tmp_path_factory):
     from transformers import T5Config
 
+    from tests.glue_fixtures import save_tiny_glue
+
     tmp = str(tmp_path_factory.mktemp("recipe_errors"))
+    save_tiny_glue(os.path.join(tmp, "glue"), train_rows=2, eval_rows=2)
     T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64).save_pretrained(
         os.path.join(tmp, "t5")
     )
