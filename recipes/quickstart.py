@@ -251,10 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--steps", type=at_least(1), default=600, help="training steps per router (batch 32)")
     parser.add_argument("--seed", type=at_least(0), default=0)
-    # 1 by default: this tiny model gains little from a second thread on idle cores, and 2 threads sharing busy
-    # cores with other work wait on each other at every op (about 9x slower on a loaded 2-core machine)
+    # 1 by default: 2 threads on a 2-core machine busy with other work wait on each other at every small op (19 min
+    # against 1 thread's 2 min there); a second thread only pays on idle cores (63 s on 2 idle cores)
     parser.add_argument(
-        "--threads", type=at_least(1), default=1, help="torch threads (default 1: more barely help this tiny model)"
+        "--threads", type=at_least(1), default=1, help="torch threads (default 1; 2 is faster only on idle cores)"
     )
     parser.add_argument("--save_router", default=None, help="the router whose model is saved (default: top_k)")
     parser.add_argument("--output_dir", default="quickstart_model")
