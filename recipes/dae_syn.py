@@ -18,7 +18,7 @@ import argparse
 import os
 import time
 
-from hf_condroute.studies.cli import output_dir, run_recipe, usage_errors
+from hf_condroute.studies.cli import at_least, output_dir, run_recipe, usage_errors
 from hf_condroute.studies.dae_syn.model import DAEConfig
 from hf_condroute.studies.dae_syn.report import markdown_table, write_outputs
 from hf_condroute.studies.dae_syn.runner import run_study
@@ -31,20 +31,22 @@ QUICK_STEPS = 30
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--routing", action="append", metavar="NAME", help="a row to run (repeatable); default: every row")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick: 1)")
+    p.add_argument("--seeds", type=at_least(1), default=None, help="seeds 0..N-1 (default 3; --quick: 1)")
     p.add_argument(
         "--steps",
-        type=int,
+        type=at_least(1),
         default=None,
         help=f"training steps per row (default {DEFAULTS.steps}; --quick: {QUICK_STEPS})",
     )
     p.add_argument("--image-size", type=int, default=DEFAULTS.model.image_size, choices=(32, 64))
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam learning rate (peak of the schedule)")
+    p.add_argument(
+        "--lr", type=at_least(0.0, float), default=DEFAULTS.lr, help="Adam learning rate (peak of the schedule)"
+    )
     p.add_argument(
         "--output-dir", default=None, help="where to write (default: results/; with --quick: runs/, ignored by git)"
     )
     p.add_argument(
-        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default: up to 2)"
+        "--workers", type=at_least(1), default=min(2, os.cpu_count() or 1), help="worker processes (default: up to 2)"
     )
     p.add_argument("--quick", action="store_true", help=f"every row, 1 seed, {QUICK_STEPS} steps: a smoke test")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -51,7 +51,7 @@ from hf_condroute.integrations.distributed import (
 from hf_condroute.integrations.trainer_loss import RoutedTokenLoss
 from hf_condroute.integrations.warm_start import check_expert_checkpoint, load_experts_from
 from hf_condroute.routers import router_class
-from hf_condroute.studies.cli import run_recipe, usage_errors
+from hf_condroute.studies.cli import TRAINING_LOWS, check_at_least, from_the_hub, run_recipe, usage_errors
 from hf_condroute.studies.glue import GLUE_TASK_NAMES, get_task, get_tasks, load_glue, take
 from hf_condroute.studies.glue.seq2seq import GlueEvalSet, GlueSeq2SeqTrainer
 from hf_condroute.studies.glue.text_to_text import tokenize_for_t5
@@ -127,6 +127,21 @@ class GlueTrainingArguments(Seq2SeqTrainingArguments):
         default=False,
         metadata={"help": "Expert banks stack their experts' weights, so every trainable parameter gets a gradient."},
     )
+
+
+RECIPE_LOWS = {
+    "num_experts": 1,
+    "top_k": 1,
+    "adapter_dim": 1,
+    "router_init_std": 0,
+    "router_aux_loss_coef": 0,
+    "router_z_loss_coef": 0,
+    "tag_supervision_coef": 0,
+    "max_train_samples_per_task": 1,
+    "max_eval_samples_per_task": 1,
+    "max_source_length": 1,
+}
+MODEL_OPTION = "--model_name_or_path (a local save_pretrained folder of a T5)"
 
 
 def check_routing_arguments(args: GlueRecipeArguments) -> None:
@@ -226,6 +241,8 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[GlueRecipeArguments,
         args, training_args = parser.parse_args_into_dataclasses(args=argv)
     allow_fsdp2_on_cpu()  # an FSDP2 accelerate config shards CPU processes too, not only GPUs
     check_process_count(training_args)
+    check_at_least(training_args, TRAINING_LOWS)
+    check_at_least(args, RECIPE_LOWS)
     check_routing_arguments(args)
     return args, training_args
 
@@ -235,11 +252,16 @@ def train_and_evaluate(args: GlueRecipeArguments, training_args: GlueTrainingArg
     tasks = get_tasks(args.tasks)
     with training_args.main_process_first(desc="loading GLUE"), usage_errors():
         raw = load_glue(tasks, args.data_dir)  # every data problem is reported before the model is loaded
+    with usage_errors(), from_the_hub("the model", args.model_name_or_path, MODEL_OPTION):
+        model_config = AutoConfig.from_pretrained(args.model_name_or_path)  # a small file: fails before the weights
 
     set_seed(training_args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    peft_config = routed_adapter_config(args, AutoConfig.from_pretrained(args.model_name_or_path).d_model)
-    model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path), peft_config)
+    with usage_errors(), from_the_hub("the tokenizer", args.model_name_or_path, MODEL_OPTION):
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    peft_config = routed_adapter_config(args, model_config.d_model)
+    with usage_errors(), from_the_hub("the model", args.model_name_or_path, MODEL_OPTION):
+        base = AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path)
+    model = get_peft_model(base, peft_config)
     if args.init_experts_from is not None:
         copied = load_experts_from(model, args.init_experts_from)
         logger.info(

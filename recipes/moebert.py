@@ -39,6 +39,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     DataCollatorWithPadding,
     HfArgumentParser,
@@ -50,7 +51,7 @@ from hf_condroute import RoutedFFNConfig, RoutingConfig, RoutingStatsCallback
 from hf_condroute.integrations.distributed import SyncRouterStatisticsCallback, all_reduce_, check_process_count
 from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores, logit_gap, plan_conversion
 from hf_condroute.stats import compute_routing_stats
-from hf_condroute.studies.cli import run_recipe, usage_errors
+from hf_condroute.studies.cli import TRAINING_LOWS, check_at_least, from_the_hub, run_recipe, usage_errors
 from hf_condroute.studies.glue import get_task
 from hf_condroute.studies.moebert_tasks import TaskRun, glue_run, squad_run
 from hf_condroute.studies.squad import (
@@ -158,6 +159,24 @@ def routing_fields(args: MoEBERTArguments) -> dict:
     )
 
 
+RECIPE_LOWS = {
+    "num_experts": 1,
+    "top_k": 1,
+    "expert_dim": 1,
+    "shared_neurons": 0,
+    "trimmed_lasso_coef": 0,
+    "router_aux_loss_coef": 0,
+    "distill_coef": 0,
+    "importance_batches": 1,
+    "fidelity_batches": 1,
+    "max_train_samples": 1,
+    "max_eval_samples": 1,
+    "max_seq_length": 1,
+    "doc_stride": 0,
+}
+MODEL_OPTION = "--model_name_or_path (a local save_pretrained folder of the fine-tuned model)"
+
+
 def check_arguments(args: MoEBERTArguments) -> None:
     """Every mistake in the flags, found before any data or model is loaded."""
     if args.task in SQUAD_VERSIONS:
@@ -191,6 +210,8 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[MoEBERTArguments, Mo
     else:
         args, training_args = parser.parse_args_into_dataclasses(args=argv)
     check_process_count(training_args)
+    check_at_least(training_args, TRAINING_LOWS)
+    check_at_least(args, RECIPE_LOWS)
     check_arguments(args)
     return args, training_args
 
@@ -236,9 +257,12 @@ def output_fidelity(model, loader, batches: int, run: TaskRun, prefix: str) -> d
 def train_and_evaluate(args: MoEBERTArguments, training_args: MoEBERTTrainingArguments):
     """Load (and check) the data, convert, distil, evaluate; returns (trainer, results)."""
     set_seed(training_args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    with usage_errors(), from_the_hub("the tokenizer", args.model_name_or_path, MODEL_OPTION):
+        AutoConfig.from_pretrained(args.model_name_or_path)  # a small file: a Hub id that cannot load stops here
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     run = (squad_run if args.task in SQUAD_VERSIONS else glue_run)(args, training_args, tokenizer)
-    model = run.model_class(args.model_name_or_path)
+    with usage_errors(), from_the_hub("the model", args.model_name_or_path, MODEL_OPTION):
+        model = run.model_class(args.model_name_or_path)
     plan = plan_conversion(model, ffn_config(args, None))  # unknown architecture or bad sizes: fail before any work
     train_dataset, eval_sets = run.train_dataset, run.eval_sets
     collator = DataCollatorWithPadding(tokenizer)

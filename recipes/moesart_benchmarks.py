@@ -27,7 +27,7 @@ import sys
 from hf_condroute.studies.cli import output_dir, run_recipe, usage_errors
 from hf_condroute.studies.moesart_bench.benchmark import BENCHMARKS, DEFAULT_BENCHMARKS
 from hf_condroute.studies.moesart_bench.experiments import TABLES
-from hf_condroute.studies.moesart_bench.study import run_study
+from hf_condroute.studies.moesart_bench.study import resumed_text, run_study
 
 DEFAULT_SEEDS, DEFAULT_TRIALS = 20, 4
 QUICK_SEEDS, QUICK_TRIALS = 2, 2
@@ -79,6 +79,11 @@ def main(argv=None) -> dict:
             raise ValueError(f"Unknown data set(s) {unknown}: choose from {', '.join(BENCHMARKS)}.")
         if len(set(datasets)) != len(datasets):
             raise ValueError(f"Data sets repeat: {datasets}. Give each once.")
+        if args.data_dir is not None and not os.path.isdir(args.data_dir):
+            raise FileNotFoundError(
+                f"--data_dir {args.data_dir} is not a folder. Give the folder holding the data set's files (see "
+                "hf_condroute/studies/moesart_bench/images.py for the layouts read), or leave --data_dir out."
+            )
         tables = tuple(args.table or TABLES)
         bad = [t for t in tables if t not in TABLES]
         if bad:
@@ -117,7 +122,9 @@ def main(argv=None) -> dict:
         command=command,
     )
     print(open(results["written"][1]).read())
-    print(f"wall time {results['wall_time_s'] / 60:.1f} min; wrote {', '.join(results['written'])}")
+    print(
+        f"{resumed_text(results)}wall time {results['wall_time_s'] / 60:.1f} min; wrote {', '.join(results['written'])}"
+    )
     return results
 
 

@@ -1,4 +1,4 @@
-"""Routed adapters on a tiny T5 in about a minute on a CPU (63 s on 2 idle cores), with nothing downloaded.
+"""Routed adapters on a tiny T5 in about a minute on a CPU (63 s on 2 idle cores, --threads 2), nothing downloaded.
 
 A randomly initialised tiny T5 (frozen, as a PEFT base) learns two tasks on the same kind of input, a sequence
 of 6 symbols: `max` (answer its largest symbol) and `min` (its smallest). Only the routed adapters (2 experts per
@@ -32,6 +32,7 @@ from transformers.trainer_callback import ProgressCallback  # noqa: E402
 import hf_condroute  # noqa: E402
 from hf_condroute import RoutedAdapterConfig  # noqa: E402
 from hf_condroute.stats.metrics import routing_focus_cover  # noqa: E402
+from hf_condroute.studies.cli import at_least, run_recipe  # noqa: E402
 
 PAD, EOS, FIRST_SYMBOL, SYMBOLS, LENGTH = 0, 1, 8, 16, 6
 TASKS = ["max", "min"]
@@ -199,7 +200,48 @@ def save(model, router: str, eval_set: Dataset, folder: str) -> None:
     print(f"Look at its routing with:  python -m hf_condroute.report {folder}")
 
 
-def main() -> None:
+def learned_the_tasks(result: dict) -> bool:
+    """Far above chance on both tasks: at least halfway from chance to every answer right."""
+    return all(result["accuracy"][t] >= (1 + result["chance"][t]) / 2 for t in TASKS)
+
+
+def closing_paragraph(results: dict, steps: int) -> str:
+    """What to look for, said from the numbers of this run (a short run's routers may not have learned yet)."""
+    learned = [r for r in results if learned_the_tasks(results[r])]
+    if len(learned) == len(results):
+        said = ["Every router learns both tasks far above chance."]
+    elif learned:
+        late = [r for r in results if r not in learned]
+        said = [
+            f"{', '.join(learned)} learn both tasks far above chance; {', '.join(late)} not yet after {steps} steps "
+            "(train longer, e.g. --steps 600, the default)."
+        ]
+    else:
+        said = [
+            f"No router has learned the tasks after {steps} steps (accuracy near chance): train longer, e.g. "
+            "--steps 600 (the default). The routing below is that of barely trained routers."
+        ]
+    fc = {r: f"{results[r]['focus']:.2f}/{results[r]['cover']:.2f}" for r in results}
+    if "tag" in results:
+        said.append(f"Tag routing sends each task to its own expert by construction (Focus/Cover {fc['tag']}).")
+    if "hash" in results:
+        said.append(f"Hash routing ignores the task (Focus/Cover {fc['hash']}; near 1/2 means no separation).")
+    trained = [r for r in results if hf_condroute.routers.router_class(r).learned]
+    if trained:
+        apart = [r for r in trained if min(results[r]["focus"], results[r]["cover"]) >= 0.9]
+        partly = [r for r in trained if r not in apart]
+        said.append("Learned routers' Focus/Cover: " + ", ".join(f"{r} {fc[r]}" for r in trained) + ".")
+        if partly:
+            said.append(
+                f"{', '.join(partly)} find the tasks only in part: with tasks this easy every expert can serve both, "
+                "so nothing forces them apart (paper A's point)."
+            )
+        if apart:
+            said.append(f"{', '.join(apart)} separate the tasks (Focus and Cover at least 0.9) in this run.")
+    return "What to look for: " + " ".join(said)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--routers",
@@ -207,12 +249,16 @@ def main() -> None:
         default=[r for r in DEFAULT_ROUTERS if r in hf_condroute.ROUTERS],
         choices=list(hf_condroute.ROUTERS),
     )
-    parser.add_argument("--steps", type=int, default=600, help="training steps per router (batch 32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (more only slow this tiny model)")
+    parser.add_argument("--steps", type=at_least(1), default=600, help="training steps per router (batch 32)")
+    parser.add_argument("--seed", type=at_least(0), default=0)
+    # 1 by default: 2 threads on a 2-core machine busy with other work wait on each other at every small op (19 min
+    # against 1 thread's 2 min there); a second thread only pays on idle cores (63 s on 2 idle cores)
+    parser.add_argument(
+        "--threads", type=at_least(1), default=1, help="torch threads (default 1; 2 is faster only on idle cores)"
+    )
     parser.add_argument("--save_router", default=None, help="the router whose model is saved (default: top_k)")
     parser.add_argument("--output_dir", default="quickstart_model")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     save_router = args.save_router or ("top_k" if "top_k" in args.routers else args.routers[-1])
     if save_router not in args.routers:
         parser.error(f"--save_router {save_router} is not among --routers {' '.join(args.routers)}: add it there.")
@@ -233,19 +279,8 @@ def main() -> None:
             if router == save_router:
                 kept = model
     save(kept, save_router, eval_set, args.output_dir)
-    learned = [r for r in results if hf_condroute.routers.router_class(r).learned]
-    print(
-        "\nWhat to look for: every router learns both tasks far above chance. Tag routing sends each task to its "
-        "own expert by construction (Focus = Cover = 1) and hash routing ignores the task (near 1/2)."
-        + (
-            " The learned routers find the tasks only in part (Focus/Cover "
-            + ", ".join(f"{r} {results[r]['focus']:.2f}/{results[r]['cover']:.2f}" for r in learned)
-            + "): with tasks this easy every expert can serve both, so nothing forces them apart (paper A's point)."
-            if learned
-            else ""
-        )
-    )
+    print("\n" + closing_paragraph(results, args.steps))
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

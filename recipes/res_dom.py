@@ -58,7 +58,7 @@ import time
 import torch
 import transformers
 
-from hf_condroute.studies.cli import output_dir, run_recipe, usage_errors
+from hf_condroute.studies.cli import at_least, from_the_hub, output_dir, run_recipe, usage_errors
 from hf_condroute.studies.res_dom.data import DEFAULT_OVERLAP, make_splits
 from hf_condroute.studies.res_dom.loaders import load_domain_dataset, load_image_folder, split_by_fraction
 from hf_condroute.studies.res_dom.model import (
@@ -80,19 +80,21 @@ QUICK_PROBE_STEPS = 60
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--routing", action="append", metavar="NAME", help="a row to run (repeatable); default: every row")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick: 1)")
+    p.add_argument("--seeds", type=at_least(1), default=None, help="seeds 0..N-1 (default 3; --quick: 1)")
     p.add_argument(
         "--steps",
-        type=int,
+        type=at_least(1),
         default=None,
         help=f"training steps per row (default {DEFAULTS.steps}; --quick: {QUICK_STEPS})",
     )
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="AdamW learning rate (peak of the schedule)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    p.add_argument("--adapter-dim", type=int, default=DEFAULTS.adapters.adapter_dim)
+    p.add_argument(
+        "--lr", type=at_least(0.0, float), default=DEFAULTS.lr, help="AdamW learning rate (peak of the schedule)"
+    )
+    p.add_argument("--batch-size", type=at_least(1), default=DEFAULTS.batch_size)
+    p.add_argument("--adapter-dim", type=at_least(1), default=DEFAULTS.adapters.adapter_dim)
     p.add_argument(
         "--tag-supervision-coef",
-        type=float,
+        type=at_least(0.0, float),
         default=DEFAULTS.tag_supervision_coef,
         help="weight of each block's tag cross-entropy in the +sup rows",
     )
@@ -102,25 +104,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="routers read a detached copy of the block output (router_detach_input): supervision trains the "
         "routers only, not the adapters below (paper A's code does not detach)",
     )
-    p.add_argument("--image-size", type=int, default=32, help="side of the images (built-in data: at least 16)")
+    p.add_argument("--image-size", type=at_least(1), default=32, help="side of the images (built-in data: at least 16)")
     p.add_argument(
         "--overlap",
-        type=float,
+        type=at_least(0.0, float),
         default=DEFAULT_OVERLAP,
         help="built-in data: largest blend weight of another domain's style",
     )
     p.add_argument(
-        "--max-digits", type=int, default=None, help="built-in data: use only this many digit images (tests)"
+        "--max-digits", type=at_least(1), default=None, help="built-in data: use only this many digit images (tests)"
     )
     p.add_argument(
         "--pretrain-steps",
-        type=int,
+        type=at_least(1),
         default=BackboneSettings.pretrain_steps,
         help="built-in backbone's pretraining steps",
     )
     p.add_argument(
         "--probe-steps",
-        type=int,
+        type=at_least(1),
         default=None,
         help=f"steps of the domain-reading ResNet (default {DEFAULTS.steps}; --quick: {QUICK_PROBE_STEPS})",
     )
@@ -135,12 +137,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--test-split", default="test", help="--dataset's test split (a folder, or no such split: --test-fraction)"
     )
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=at_least(0.0, float), default=0.2)
     p.add_argument("--image_column", default="image")
     p.add_argument("--label_column", default="label")
     p.add_argument("--domain_column", default="domain")
-    p.add_argument("--max-samples", type=int, default=None, help="--dataset: at most this many images per split")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument(
+        "--max-samples", type=at_least(1), default=None, help="--dataset: at most this many images per split"
+    )
+    p.add_argument("--threads", type=at_least(1), default=1, help="torch threads (default 1)")
     p.add_argument(
         "--output-dir", default=None, help="where to write (default: results/; with --quick: runs/, ignored by git)"
     )
@@ -159,13 +163,22 @@ def check_args(args: argparse.Namespace) -> None:
             "recipes/res_dom.py trains its rows one after another in one process; launched with several processes, "
             "each would run every row. Use `python recipes/res_dom.py` or `accelerate launch --num_processes 1`."
         )
-    if args.threads < 1 or args.pretrain_steps < 1:
-        raise ValueError("--threads and --pretrain-steps must be at least 1.")
+    if not 0 < args.test_fraction < 1 or args.overlap > 1:
+        raise ValueError(
+            f"--test-fraction must be in (0, 1) and --overlap in [0, 1], got {args.test_fraction} and {args.overlap}."
+        )
     if args.dataset is not None and args.model_name_or_path is None:
         raise ValueError(
             "--dataset needs --model_name_or_path: a pretrained ResNet to freeze (e.g. microsoft/resnet-18, or a "
             "local save_pretrained folder). Without --dataset the recipe pretrains its own on the built-in data."
         )
+    if args.dataset is not None:
+        local = os.path.isabs(args.dataset) or args.dataset.startswith(".") or args.dataset.count("/") > 1
+        if local and not os.path.exists(args.dataset):  # a Hub id is `owner/name`
+            raise FileNotFoundError(
+                f"--dataset {args.dataset} does not exist: give an image folder laid out <domain>/<class>/*.jpg, a "
+                "`save_to_disk` folder, or a Hub id (owner/name)."
+            )
 
 
 def load_data(args: argparse.Namespace):
@@ -173,19 +186,14 @@ def load_data(args: argparse.Namespace):
     if args.dataset is None:
         splits = make_splits(args.image_size, args.overlap, max_digits=args.max_digits)
         return splits.train, splits.test, splits.pretrain
-    local = os.path.isabs(args.dataset) or args.dataset.startswith(".") or args.dataset.count("/") > 1
-    if local and not os.path.exists(args.dataset):  # a Hub id is `owner/name`
-        raise FileNotFoundError(
-            f"--dataset {args.dataset} does not exist: give an image folder laid out <domain>/<class>/*.jpg, a "
-            "`save_to_disk` folder, or a Hub id (owner/name)."
-        )
     if os.path.isdir(args.dataset) and not os.path.exists(os.path.join(args.dataset, "dataset_dict.json")) \
             and not os.path.exists(os.path.join(args.dataset, "dataset_info.json")):  # fmt: skip
         train, test = split_by_fraction(load_image_folder(args.dataset, args.image_size), args.test_fraction)
         return train, test, None
     columns = dict(image_column=args.image_column, label_column=args.label_column, domain_column=args.domain_column)
     kwargs = dict(image_size=args.image_size, max_samples=args.max_samples, **columns)
-    train = load_domain_dataset(args.dataset, args.train_split, **kwargs)
+    with from_the_hub("the data set", args.dataset, "--dataset (an image folder or a `save_to_disk` folder)"):
+        train = load_domain_dataset(args.dataset, args.train_split, **kwargs)
     try:
         test = load_domain_dataset(args.dataset, args.test_split, **kwargs)
     except (KeyError, ValueError):  # no such split
@@ -197,6 +205,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     with usage_errors():
         check_args(args)
+        if args.model_name_or_path is not None:  # its config, before any data: a Hub id that cannot load stops here
+            with from_the_hub("the ResNet", args.model_name_or_path, "--model_name_or_path (a save_pretrained folder)"):
+                transformers.AutoConfig.from_pretrained(args.model_name_or_path)
         rows = [Row.parse(name) for name in args.routing] if args.routing else default_rows()
         train, test, pretrain = load_data(args)
     torch.set_num_threads(args.threads)

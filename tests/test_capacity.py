@@ -61,7 +61,9 @@ def test_rows_over_capacity_get_nothing_and_the_rest_are_unchanged():
     decision = hf_condroute.block.step.RoutingRecord.user_decision(step.records["b"])
     assert decision.experts[:, 0].tolist() == [int(chosen[i]) if kept[i] else -1 for i in range(5)]
     assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))  # the base output passes through unchanged
-    torch.testing.assert_close(out[kept], reference[kept], rtol=0, atol=0)
+    # the kept rows go through the same expert, but in a GEMM of another row count (1 row here, all of the expert's
+    # rows there), which a CPU's kernels may sum in another order: equal up to a few fp32 ulps (the experts are exact)
+    torch.testing.assert_close(out[kept], reference[kept], rtol=1e-6, atol=1e-6)
 
 
 def test_per_token_capacity_counts_real_tokens_in_order():

@@ -45,7 +45,7 @@ def test_errors_outside_the_checks_keep_their_traceback():
     "argv, message",
     [
         (["recipes/glue.py", "--routing", "tga"], "--routing 'tga' is not a routing"),
-        (["recipes/glue.py", "--top_k", "0"], "RoutedAdapterConfig.top_k must be >= 1"),
+        (["recipes/glue.py", "--top_k", "0"], "--top_k must be at least 1, got 0."),
         (["recipes/dae_syn.py", "--routing", "softmaxx"], "Unknown DAE-Syn router 'softmaxx'"),
     ],
 )

@@ -46,6 +46,19 @@ def test_keys_and_scalar_tags_are_checked_too():
         tagged(**bert_batch(), routing_tags=torch.tensor(1))
 
 
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_tags_given_per_token_are_refused_and_tag_groups_are_read(family):
+    model = routed(make_bert() if family == "bert" else make_t5(), router="tag")
+    batch = bert_batch() if family == "bert" else t5_batch()
+    length = batch["input_ids"].shape[1]
+    per_token = torch.zeros(4, length, dtype=torch.long)  # (batch, sequence length): a tag per token, by mistake
+    with pytest.raises(ValueError, match=rf"shape \(4, {length}\), one column per token.*tags are per example"):
+        model(**batch, routing_tags=per_token)
+    groups = torch.stack([torch.arange(4) % 4, torch.full((4,), 3)], 1)  # (batch, groups): blocks read column 0
+    model(**batch, routing_tags=groups)
+    assert all(d.experts[:, 0].tolist() == [0, 1, 2, 3] for d in hf_condroute.get_routing(model).values())
+
+
 def per_token_hash_llama():
     return routed(make_llama(), router="hash", routing_granularity="token", task_type="CAUSAL_LM").eval()
 

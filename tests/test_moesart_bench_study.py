@@ -167,8 +167,9 @@ def test_runner_resumes_from_its_log_and_redoes_jobs_whose_data_changed(bench, t
     jobs = [Job("multi_digits", RunSpec("top_k"), s) for s in range(3)]
     first = Runner({"multi_digits": bench}, None, True, 1, 1, log).run(jobs + jobs[:1])
     assert len(calls) == 3 and [first[j]["scores"]["loss"] for j in jobs] == [0.0, 1.0, 2.0]
-    again = Runner({"multi_digits": bench}, None, True, 1, 1, log).run(jobs)
-    assert len(calls) == 3 and again == first
+    resumed = Runner({"multi_digits": bench}, None, True, 1, 1, log)
+    again = resumed.run(jobs)
+    assert len(calls) == 3 and again == first and (resumed.reused, resumed.ran) == (3, 0)
     bench.steps += 1  # another step budget: the logged results no longer apply
     try:
         Runner({"multi_digits": bench}, None, True, 1, 1, log).run(jobs)
@@ -177,10 +178,17 @@ def test_runner_resumes_from_its_log_and_redoes_jobs_whose_data_changed(bench, t
     assert len(calls) == 6
 
 
-def test_tiny_recipe_run_writes_tables_figures_and_p_values(tmp_path):
+def test_tiny_recipe_run_writes_tables_figures_and_p_values(tmp_path, capsys):
     recipe = load_recipe("moesart_benchmarks")
     args = ["--quick", "--table", "s1", "--table", "fig3", "--workers", "1", "--output-dir", str(tmp_path)]
     result = recipe.main(args)
+    assert result["resumed"] is None and "resumed" not in capsys.readouterr().out
+    again = recipe.main(args)  # the same command again: every run is in the log, and it says so
+    log = str(tmp_path / "moesart_benchmarks_quick.runs.jsonl")
+    assert again["resumed"] == {"log": log, "reused_runs": again["resumed"]["reused_runs"], "new_runs": 0}
+    out = capsys.readouterr().out
+    assert f"resumed from {log}: {again['resumed']['reused_runs']} runs taken from an earlier invocation" in out
+    assert "this invocation's wall time" in out
     payload = json.loads((tmp_path / "moesart_benchmarks_quick.json").read_text())
     md = (tmp_path / "moesart_benchmarks_quick.md").read_text()
     tables = payload["benchmarks"]["multi_digits"]["tables"]
@@ -191,7 +199,7 @@ def test_tiny_recipe_run_writes_tables_figures_and_p_values(tmp_path):
     assert len(tables["fig3"]["curves"]["MOESART with replacement"]) == 2
     assert (tmp_path / "moesart_benchmarks_quick_multi_digits_fig3.png").stat().st_size > 1000
     assert set(payload["benchmarks"]["multi_digits"]["search"]) == {"top_k", "moesart"}
-    assert "Table S1" in md and "p = " in md and "stand-in" in md
+    assert "Table S1" in md and "p = " in md and "stand-in" in md and "resumed from" in md
     for row in tables["s1"]["rows"].values():
         assert row["seeds"] == 2 and row["k_per_gate"] == 2.0
 

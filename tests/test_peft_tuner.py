@@ -182,6 +182,19 @@ def test_loading_weights_that_do_not_fit_the_config_is_refused(tmp_path):
         PeftModel.from_pretrained(make_t5(), tmp_path)
 
 
+def test_loading_into_a_base_of_another_hidden_size_names_the_base(tmp_path):
+    routed(make_t5(), router="top_k").save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"do not fit this base model.*comes from the base model.*Load it into the base"
+    ):
+        PeftModel.from_pretrained(make_t5(d_model=48), tmp_path)
+
+
+def test_a_target_module_that_is_not_there_lists_the_models_names():
+    with pytest.raises(ValueError, match=r"not found in the base model.*module names end in: .*SelfAttention.*wo"):
+        get_peft_model(make_t5(), RoutedAdapterConfig(num_experts=2, adapter_dim=4, target_modules=["SelfAtention"]))
+
+
 def test_several_adapters(tmp_path):
     model = routed(make_t5(), router="tag", init_weights=False, task_type="SEQ_2_SEQ_LM")
     model.add_adapter("other", RoutedAdapterConfig(num_experts=2, adapter_dim=4, router="top_k", init_weights=False))

@@ -71,6 +71,32 @@ def test_quickstart_prints_labelled_routing_tables_and_saves_a_model_with_card_a
         p.name for p in out.iterdir()
     }
     assert "Warning" not in result.stderr and "{'" not in result.stderr  # no stray warnings, only the bars
+    assert "What to look for: " in text
+
+
+def test_quickstarts_closing_paragraph_follows_the_numbers():
+    from tests.recipe_loader import load_recipe
+
+    quickstart = load_recipe("quickstart")
+
+    def run(acc: float, focus: float) -> dict:
+        return {
+            "accuracy": {"max": acc, "min": acc},
+            "chance": {"max": 0.3, "min": 0.3},
+            "focus": focus,
+            "cover": focus,
+        }
+
+    untrained = quickstart.closing_paragraph({"tag": run(0.0, 1.0), "top_k": run(0.0, 0.5)}, steps=20)
+    assert "No router has learned the tasks after 20 steps" in untrained and "far above chance" not in untrained
+    mixed = quickstart.closing_paragraph({"tag": run(0.99, 1.0), "top_k": run(0.4, 0.6)}, steps=100)
+    assert "tag learn both tasks far above chance; top_k not yet after 100 steps" in mixed
+    trained = quickstart.closing_paragraph(
+        {"tag": run(0.99, 1.0), "hash": run(0.98, 0.5), "top_k": run(0.97, 0.6)}, 600
+    )
+    assert trained.startswith("What to look for: Every router learns both tasks far above chance.")
+    assert "Focus/Cover 1.00/1.00" in trained and "Hash routing ignores the task (Focus/Cover 0.50/0.50" in trained
+    assert "top_k find the tasks only in part" in trained
 
 
 def test_the_version_is_one_and_has_a_changelog_entry():

@@ -10,7 +10,7 @@ from hf_condroute import RoutedAdapterConfig, RoutedLoraConfig
 from hf_condroute.tuners.routed_lora import RoutedLoraLayer
 
 from .conftest import llama_batch, make_llama
-from .routed_lora_helpers import layers, peft_lora, routed
+from .routed_lora_helpers import PEFT_ROUNDING, layers, peft_lora, routed
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -21,7 +21,7 @@ def saved_lora(path, seed: int, make=make_llama, **kw):
     return str(path)
 
 
-def test_one_lora_with_the_monolithic_router_equals_its_peft_output_exactly(tmp_path):
+def test_one_lora_with_the_monolithic_router_equals_its_peft_output(tmp_path):
     path = saved_lora(tmp_path / "lora", seed=1)
     model = routed(
         make_llama(),
@@ -36,11 +36,11 @@ def test_one_lora_with_the_monolithic_router_equals_its_peft_output_exactly(tmp_
     reference = PeftModel.from_pretrained(make_llama(), path).eval()
     batch = llama_batch()
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, **PEFT_ROUNDING)
 
 
 @pytest.mark.parametrize("granularity", ["example", "token"])
-def test_two_loras_with_the_tag_router_give_each_row_its_loras_output_exactly(tmp_path, granularity):
+def test_two_loras_with_the_tag_router_give_each_row_its_loras_output(tmp_path, granularity):
     paths = [saved_lora(tmp_path / f"lora{i}", seed=10 + i) for i in range(2)]
     config = RoutedLoraConfig(
         router="tag", r=8, lora_alpha=16, target_modules=TARGETS, routing_granularity=granularity, lora_experts=paths
@@ -58,7 +58,7 @@ def test_two_loras_with_the_tag_router_give_each_row_its_loras_output_exactly(tm
         for i, path in enumerate(paths):
             expected = PeftModel.from_pretrained(make_llama(), path).eval()(**batch).logits
             rows = tags == i
-            torch.testing.assert_close(got[rows], expected[rows], rtol=0, atol=0)
+            torch.testing.assert_close(got[rows], expected[rows], **PEFT_ROUNDING)
 
 
 def test_experts_from_loras_train_save_and_load_without_the_sources(tmp_path):
@@ -79,6 +79,7 @@ def test_experts_from_loras_train_save_and_load_without_the_sources(tmp_path):
     )
     bank = layers(model)["base_model.model.model.layers.0.self_attn.q_proj"].bank("default")
     source = PeftModel.from_pretrained(make_llama(), paths[1]).base_model.model.model.layers[0].self_attn.q_proj
+    # a copy scaled by a power of two: exact on any machine
     torch.testing.assert_close(bank.lora_B[1], source.lora_B["default"].weight.t() * 2, rtol=0, atol=0)
     assert torch.equal(bank.lora_B[2], torch.zeros_like(bank.lora_B[2]))
     model.train()

@@ -77,10 +77,12 @@ def test_trainer_trains_routed_bert_classifier(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_trainer_keeps_routing_tags_column():
+def test_trainer_keeps_routing_tags_column(tmp_path):
     model = get_peft_model(
         make_bert(), RoutedAdapterConfig(num_experts=3, adapter_dim=8, router="tag", task_type="SEQ_CLS")
     )
-    trainer = Trainer(model=model, args=TrainingArguments(output_dir="unused", report_to=[], use_cpu=True))
+    trainer = Trainer(
+        model=model, args=TrainingArguments(output_dir=str(tmp_path / "unused"), report_to=[], use_cpu=True)
+    )
     kept = trainer._remove_unused_columns(dataset(4, seq2seq=False))
     assert "routing_tags" in kept.column_names and "text" not in kept.column_names

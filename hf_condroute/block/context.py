@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..architectures import hidden_size, is_causal_lm
+from ..routers import Router
 from ..routers.hashing import content_keys
 from .rewards import per_example_loss
 from .routed_block import RoutingInputs, masked_mean
@@ -237,6 +238,27 @@ class ModelRoutingState:
                     f"one row per example, in the batch's order."
                 )
 
+    def _check_tag_columns(self, tags, kwargs: dict) -> None:
+        """(batch, groups) tags hold one tag per example for each tag group (a block reads column `tag_group`).
+        Tags given per token by mistake, (batch, sequence length), would be read as that many groups, each block
+        using one column: refused when their width is the sequence length and no block reads past the first
+        columns. Only that rare shape walks the model."""
+        if tags is None or tags.dim() != 2 or tags.shape[1] < 2:
+            return
+        ids = next(
+            (kwargs[n] for n in ("input_ids", "attention_mask") if isinstance(kwargs.get(n), torch.Tensor)), None
+        )
+        if ids is None or ids.dim() != 2 or ids.shape[1] != tags.shape[1]:
+            return
+        groups = 1 + max((m.config.tag_group for m in self.model.modules() if isinstance(m, Router)), default=0)
+        if groups < tags.shape[1]:
+            raise ValueError(
+                f"routing_tags has shape {tuple(tags.shape)}, one column per token of the input, but tags are per "
+                f"example: (batch,) with one tag per example, or (batch, groups) with one tag per example for each "
+                f"tag group (the routed blocks here read {groups} group(s), `tag_group` 0..{groups - 1}). Give each "
+                "example one tag (e.g. routing_tags[:, 0]): tags cannot be given per token."
+            )
+
     def _set_keys(self, explicit, input_ids, attention_mask, continuing: bool) -> None:
         if explicit is not None:
             self.keys, self.keys_explicit = explicit.long(), True
@@ -252,6 +274,7 @@ class ModelRoutingState:
             args = ()
         tags, keys = self._take_routing_kwargs(kwargs)
         self._check_rows(tags, keys, kwargs, "the model's forward")
+        self._check_tag_columns(tags, kwargs)
         self.step = RoutingStep()
         self._inside_forward = True
         encoder_outputs = kwargs.get("encoder_outputs")
@@ -299,6 +322,7 @@ class ModelRoutingState:
         if not self._inside_forward:
             # the encoder runs on its own (as in generate): a new forward
             self._check_rows(tags, keys, {"input_ids": input_ids, **kwargs}, "the encoder")
+            self._check_tag_columns(tags, {"input_ids": input_ids, **kwargs})
             self.step = RoutingStep()
             self.tags = tags
             self._set_keys(keys, input_ids, mask, continuing=False)

@@ -7,6 +7,7 @@ A recipe wraps its checking stage in `with usage_errors():`, which marks what it
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import textwrap
@@ -43,6 +44,60 @@ def run_recipe(main: Callable[[], T], prog: str = "") -> T:
             message = textwrap.fill(str(err), width=110, subsequent_indent="  ", break_long_words=False)
             print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def at_least(low: int | float, kind: type = int) -> Callable[[str], int | float]:
+    """An argparse `type`: a number >= low, so a negative seed or zero steps stops at the parser (exit 2)."""
+
+    def parse(text: str):
+        value = kind(text)  # not a number: argparse's "invalid int value"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # the name argparse's message gives the type
+    return parse
+
+
+def check_at_least(args, lows: dict[str, int | float], flag: Callable[[str], str] = lambda n: f"--{n}") -> None:
+    """The dataclass recipes' numeric flags (HfArgumentParser has no bounds): ValueError for one below its low;
+    None (not given) passes."""
+    for name, low in lows.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"{flag(name)} must be at least {low}, got {value}.")
+
+
+# TrainingArguments' numbers that TrainingArguments does not check itself; max_steps -1 means "use the epochs"
+TRAINING_LOWS = {
+    "seed": 0,
+    "learning_rate": 0,
+    "num_train_epochs": 0,
+    "max_steps": -1,
+    "warmup_steps": 0,
+    "per_device_train_batch_size": 1,
+    "per_device_eval_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "weight_decay": 0,
+}
+
+
+@contextmanager
+def from_the_hub(what: str, name: str, local: str):
+    """Loading `what` from `name`, a Hub id (or a local folder): when the Hub cannot be reached (offline, no
+    network, HF_HUB_OFFLINE=1) or has no such id, one paragraph naming the local-path option `local` (exit 2
+    under run_recipe) instead of the download's traceback."""
+    try:
+        yield
+    except OSError as err:  # ConnectionError, huggingface_hub's and datasets' not-found errors, transformers' OSError
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        error = RuntimeError(
+            f"Could not load {what} {name!r} ({reason}). If it is a Hub id, the Hub is unreachable from here or has "
+            f"no such repository: download it where the Hub is reachable and pass the local copy with {local}, or "
+            "put it in the Hugging Face cache and set HF_HUB_OFFLINE=1."
+        )
+        setattr(error, _MARK, True)
+        raise error from err
 
 
 RESULTS_DIR = "results"  # committed: the full runs the README quotes

@@ -5,6 +5,7 @@ do not fit the config; and, for their layers, one `RoutedBlock` per adapter."""
 from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from ..block.context import ModelRoutingState, warn_if_causal_example_routing
@@ -27,6 +28,17 @@ class RefusesMerge:
         raise ValueError(self.merge_refused)
 
 
+def module_names_hint(model: nn.Module) -> str:
+    """The last parts of the model's module names, which `target_modules` entries match."""
+    names = [n for n, _ in model.named_modules() if n]
+    ends = sorted({n.rsplit(".", 1)[-1] for n in names} - {str(i) for i in range(len(names))})
+    example = max(names, key=lambda n: n.count("."), default="")
+    return (
+        f"This model's module names end in: {', '.join(ends)} (a target_modules entry matches such an ending, or "
+        f"give a regex over full names such as {example!r})."
+    )
+
+
 class RoutedTunerModel(BaseTuner):
     """Base of `RoutedAdapterModel`, `RoutedFFNModel` and `RoutedLoraModel`: subclasses implement
     `_create_and_replace`; merging is refused with their layer class's `merge_refused`."""
@@ -35,6 +47,12 @@ class RoutedTunerModel(BaseTuner):
         check_quantized_modules_to_save(model, getattr(config, "modules_to_save", None))
         self.routing_state = ModelRoutingState.of(model)
         warn_if_causal_example_routing(model, config)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as err:  # PEFT names the targets, not what the model has
+            raise NoMatchingPeftModuleError(f"{err} {module_names_hint(model)}") from err
 
     def _router_in_features(self, config, features: int, side: str) -> int:
         """Decoder blocks that route per example see the mean of the encoder's output, whose size may differ."""

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from ..cli import from_the_hub
 from .tasks import GLUE_TASK_NAMES, GlueTask
 
 HUB_DATASET = "nyu-mll/glue"
@@ -24,7 +25,8 @@ class GlueDataError(ValueError):
 def _load_one(task: GlueTask, data_dir: str | None) -> tuple[DatasetDict | None, str | None]:
     """(dataset, None) or (None, problem)."""
     if data_dir is None:
-        return load_dataset(HUB_DATASET, task.name), None
+        with from_the_hub(f"GLUE's {task.name}", HUB_DATASET, "--data_dir (a folder of `save_to_disk` tasks)"):
+            return load_dataset(HUB_DATASET, task.name), None
     path = os.path.join(data_dir, task.name)
     if not os.path.isdir(path):
         present = sorted(n for n in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, n)))

@@ -35,6 +35,7 @@ import torch
 
 from hf_condroute import RoutingConfig, RoutingStep
 
+from ..cli import from_the_hub
 from .model import MultiGateMoE
 from .tasks import Split
 
@@ -79,7 +80,8 @@ def load_source(source: str, data_dir: str | Path | None = None):
                 if "train" in files and "test" in files:
                     return datasets.load_dataset("parquet", data_files=files)
     kwargs = {} if data_dir is None else {"cache_dir": str(data_dir)}
-    return datasets.load_dataset(hub, config, **kwargs)
+    with from_the_hub(f"the {source} images", hub, "--data_dir (a `save_to_disk` folder or the Hub's parquet files)"):
+        return datasets.load_dataset(hub, config, **kwargs)
 
 
 def to_arrays(ds, indices=None, rgb: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -70,6 +70,7 @@ class Runner:
         self.workers, self.threads, self.log = workers, threads, log
         self.fingerprint = {n: fingerprint(b) for n, b in benches.items()}
         self.done: dict[str, dict] = {}
+        self.reused = self.ran = 0  # jobs taken from an earlier invocation's log / run by this one
         if os.path.exists(log):
             with open(log) as f:
                 for line in f:
@@ -85,6 +86,7 @@ class Runner:
     def run(self, jobs: Iterable[Job], what: str = "runs") -> dict[Job, dict]:
         jobs = list(dict.fromkeys(jobs))
         todo = [j for j in jobs if j.key(self.fingerprint) not in self.done]
+        self.reused, self.ran = self.reused + len(jobs) - len(todo), self.ran + len(todo)
         print(f"{what}: {len(jobs)} jobs, {len(jobs) - len(todo)} already in {self.log}", flush=True)
         start = time.perf_counter()
 

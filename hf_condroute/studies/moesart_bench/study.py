@@ -13,6 +13,18 @@ from .report import summarize, write_report
 from .runner import Job, Runner
 
 
+def resumed_text(results: dict) -> str:
+    """'' for a fresh run; else which log it resumed from and how many runs it took from there (then the wall time
+    is this invocation's alone)."""
+    resumed = results.get("resumed")
+    if not resumed:
+        return ""
+    return (
+        f"resumed from {resumed['log']}: {resumed['reused_runs']} runs taken from an earlier invocation, "
+        f"{resumed['new_runs']} run now (delete the log to start over); this invocation's "
+    )
+
+
 def run_study(
     datasets: list[str],
     data_dir: str | None = None,
@@ -88,14 +100,16 @@ def run_study(
         }
     wall = time.perf_counter() - start
     results["wall_time_s"], results["search_time_s"] = wall, search_time
+    # a second run of the same command resumes from the log: its wall time covers only the runs it did itself
+    results["resumed"] = {"log": log, "reused_runs": runner.reused, "new_runs": runner.ran} if runner.reused else None
     command = command or f"python recipes/moesart_benchmarks.py{' --quick' if quick else ''}"
     header = (
         "# MOESART benchmarks: paper B's Table 1, Figures 3-4 and Tables S1-S4\n\n"
         f"`{command}`: {', '.join(datasets)}; a random search "
         f"of {trials} trials per router (one seed each, chosen by validation loss), then {seeds} seeds per row, "
-        f"mean ± standard error; {workers} worker process(es) of {threads} thread(s); wall time {wall / 60:.1f} min "
-        f"(search {search_time / 60:.1f} min). Paper B's columns are its own data sets' numbers (50 seeds, 500 "
-        "tuning trials), for reference, not a like-for-like comparison.\n"
+        f"mean ± standard error; {workers} worker process(es) of {threads} thread(s); {resumed_text(results)}wall time "
+        f"{wall / 60:.1f} min (search {search_time / 60:.1f} min). Paper B's columns are its own data sets' "
+        "numbers (50 seeds, 500 tuning trials), for reference, not a like-for-like comparison.\n"
     )
     results["written"] = write_report(results, output_dir, stem, header)
     return results

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from ..cli import from_the_hub
+
 
 @dataclass(frozen=True)
 class SquadVersion:
@@ -101,6 +103,10 @@ def _local(version: SquadVersion, data_dir: str) -> DatasetDict:
 def load_squad(name: str, data_dir: str | None = None) -> DatasetDict:
     """SQuAD v1.1 (`squad`) or v2.0 (`squad_v2`), from `data_dir` or the Hub, checked."""
     version = get_squad_version(name)
-    data = _local(version, data_dir) if data_dir is not None else load_dataset(version.hub_dataset)
+    if data_dir is not None:
+        data = _local(version, data_dir)
+    else:
+        with from_the_hub(version.name, version.hub_dataset, "--data_dir (a `save_to_disk` folder)"):
+            data = load_dataset(version.hub_dataset)
     check_squad_data(version, data, data_dir or version.hub_dataset)
     return data

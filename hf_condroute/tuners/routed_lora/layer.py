@@ -14,9 +14,9 @@ from .config import RoutedLoraConfig
 from .sharing import DecisionHolder, SharedRouter
 
 MERGE_REFUSED = (
-    "Routed LoRA experts cannot be merged into the base weights: each token's update depends on which experts its "
-    "router chose, which no single weight matrix can express. Keep the adapter, or call `unload()` to get the base "
-    "model back without it."
+    "Routed LoRA experts cannot be merged into the base weights: each token's update (each example's, when routed "
+    "per example) depends on which experts its router chose, which no single weight matrix can express. Keep the "
+    "adapter, or call `unload()` to get the base model back without it."
 )
 
 
