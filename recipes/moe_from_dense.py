@@ -41,7 +41,7 @@ from transformers import (
 import hf_condroute
 from hf_condroute import RoutedFFNConfig
 from hf_condroute.moebert import DistillationTrainer, importance_scores
-from hf_condroute.studies.cli import output_dir, run_recipe, usage_errors
+from hf_condroute.studies.cli import at_least, output_dir, run_recipe, usage_errors
 from hf_condroute.studies.tiny_lm import lm_blocks, local_texts, tiny_llama, train_bpe_tokenizer
 
 
@@ -52,21 +52,23 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--text_file", nargs="*", help="text to train and distil on (default: this checkout's documents)")
     p.add_argument("--output_dir", help="default: runs/moe_from_dense")
-    p.add_argument("--num_experts", type=int, default=4)
-    p.add_argument("--top_k", type=int, default=2)
-    p.add_argument("--shared_neurons", type=int, default=0, help="MoEBERT's most important neurons, in every expert")
-    p.add_argument("--hidden_size", type=int, default=64, help="the tiny model's width")
-    p.add_argument("--layers", type=int, default=2, help="the tiny model's depth")
-    p.add_argument("--vocab_size", type=int, default=512, help="the tiny model's BPE vocabulary")
-    p.add_argument("--block_size", type=int, default=64)
-    p.add_argument("--dense_steps", type=int, default=300, help="training steps of the tiny dense model")
-    p.add_argument("--distill_steps", type=int, default=150)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--router_aux_loss_coef", type=float, default=0.01)
+    p.add_argument("--num_experts", type=at_least(1), default=4)
+    p.add_argument("--top_k", type=at_least(1), default=2)
+    p.add_argument(
+        "--shared_neurons", type=at_least(0), default=0, help="MoEBERT's most important neurons, in every expert"
+    )
+    p.add_argument("--hidden_size", type=at_least(1), default=64, help="the tiny model's width")
+    p.add_argument("--layers", type=at_least(1), default=2, help="the tiny model's depth")
+    p.add_argument("--vocab_size", type=at_least(1), default=512, help="the tiny model's BPE vocabulary")
+    p.add_argument("--block_size", type=at_least(2), default=64)
+    p.add_argument("--dense_steps", type=at_least(0), default=300, help="training steps of the tiny dense model")
+    p.add_argument("--distill_steps", type=at_least(1), default=150)
+    p.add_argument("--batch_size", type=at_least(1), default=16)
+    p.add_argument("--learning_rate", type=at_least(0.0, float), default=2e-3)
+    p.add_argument("--router_aux_loss_coef", type=at_least(0.0, float), default=0.01)
     p.add_argument("--prompt", default="The router")
     p.add_argument("--quick", action="store_true", help="a smoke run: a tiny model and a few steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     args = p.parse_args(argv)
     if args.quick:
         args.hidden_size, args.layers, args.vocab_size = 32, 2, 300

