@@ -82,6 +82,23 @@ def _batch_size(kwargs: dict) -> tuple[int | None, str]:
     return None, ""
 
 
+def token_mask(mask) -> torch.Tensor | None:
+    """The (batch, length) mask routing reads, from the attention mask a forward got: a 2-D padding mask as it is;
+    a 4-D one (batch, heads, queries, keys), which transformers builds itself for static and sliding caches, as
+    whether each query attends to any key (a padding query attends to none). Boolean 4-D masks mark attended keys
+    True, additive float ones 0 (masked: -inf or the dtype's minimum). Anything else (a flex-attention BlockMask)
+    carries no padding routing can read: None, every token routed."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return mask if isinstance(mask, torch.Tensor) else None
+    if mask.dtype == torch.bool:
+        attended = mask[:, 0]
+    elif mask.is_floating_point():
+        attended = mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    else:
+        attended = mask[:, 0] != 0
+    return attended.any(dim=-1)
+
+
 class ModelRoutingState:
     """Shared by every routed layer of one model. Use `ModelRoutingState.of(model)` to get or install it."""
 
@@ -191,7 +208,7 @@ class ModelRoutingState:
         )
 
     def _set_mask(self, side: str, mask: torch.Tensor | None) -> None:
-        self.masks[side] = mask
+        self.masks[side] = token_mask(mask)
         self._masks_full.pop(side, None)
 
     def _mask_full(self, side: str) -> bool | None:
@@ -257,7 +274,7 @@ class ModelRoutingState:
         encoder_outputs = kwargs.get("encoder_outputs")
         continuing = _cache_in_use(kwargs) or encoder_outputs is not None
         self.tags = tags
-        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        input_ids, mask = kwargs.get("input_ids"), token_mask(kwargs.get("attention_mask"))
         self._set_keys(keys, input_ids, mask, continuing)
         self.labels = kwargs.get("labels")
         if self.is_encoder_decoder:
@@ -295,7 +312,7 @@ class ModelRoutingState:
     def _pre_encoder(self, module, args, kwargs):
         tags, keys = self._take_routing_kwargs(kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = token_mask(kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
         if not self._inside_forward:
             # the encoder runs on its own (as in generate): a new forward
             self._check_rows(tags, keys, {"input_ids": input_ids, **kwargs}, "the encoder")
