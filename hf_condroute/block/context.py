@@ -215,7 +215,7 @@ class ModelRoutingState:
         """Whether `side`'s whole mask is ones, checked once per mask set by a forward, not in every block: a host
         sync per layer otherwise, and a few ops per layer and token in decoding."""
         mask = self.masks[side]
-        if mask is None:
+        if mask is None or torch.compiler.is_compiling():  # traced: blocks handle padding with fixed shapes
             return None
         full = self._masks_full.get(side)
         if full is None:
