@@ -82,8 +82,9 @@ def choose_strategy(
     dense = rows * length * n * macs_per_token + MOVE_COST_IN_MACS * first * n * d * h  # (a copy of W1)
     per_row = rows * width * (length * macs_per_token + 2 * MOVE_COST_IN_MACS * moved)
     grouped = assignments * length * (macs_per_token + 2 * MOVE_COST_IN_MACS * (d + o)) + GROUPED_OVERHEAD_IN_MACS
-    candidates = [(dense, "dense"), (per_row, "per_row")] + ([] if static else [(grouped, "grouped")])
-    return min(candidates)[1]
+    if static:  # one comparison (dynamo cannot take min() of symbolic costs when the shapes are dynamic)
+        return "dense" if dense <= per_row else "per_row"
+    return min((dense, "dense"), (per_row, "per_row"), (grouped, "grouped"))[1]
 
 
 def dense_weights(experts: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
