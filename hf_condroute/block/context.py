@@ -48,6 +48,10 @@ def _cache_in_use(kwargs: dict) -> bool:
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
     if cache is None:
         return False
+    if torch.compiler.is_compiling():
+        # traced: the cache's length is a tensor (reading it breaks the graph); a decoding step feeds one token
+        ids = kwargs.get("input_ids")
+        return ids is None or ids.shape[-1] == 1
     try:
         return cache.get_seq_length() > 0
     except (AttributeError, TypeError):
