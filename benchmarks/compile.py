@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import environment, markdown_table, report, setup, synchronize  # noqa: E402
-from routed_lora import lora, lora_name, make_batch, routed, shape  # noqa: E402
+from common import add_common_args, environment, markdown_table, report, select_variants, setup, synchronize  # noqa: E402
+from routed_lora import add_shape_args, lora, lora_name, make_batch, routed, shape  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 
@@ -114,33 +114,17 @@ def ratio(value, base):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--intermediate", type=int, default=1376)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--num-experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt-len", type=int, default=32)
+    add_shape_args(parser)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "decode"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_args(parser, reps=5, warmup=1, memory=False)
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     device, dtype = setup(args)
     base = lora_name(args)
     routed_name = f"routed LoRA top_k N={args.num_experts} k={args.top_k}"
     builders = {base: lambda: lora(args), routed_name: routed(args)}
+    builders = {name: builders[name] for name in select_variants(builders, args.only, base)}
     rows, results = [], {}
     if "train" not in args.skip:
         t = run_train(args, builders, device, dtype)

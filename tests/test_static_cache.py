@@ -12,7 +12,7 @@ from transformers import MistralConfig, MistralForCausalLM
 from hf_condroute import RoutedAdapterConfig, RoutedFFNConfig, RoutedLoraConfig
 from hf_condroute.block.context import token_mask
 
-from .conftest import VOCAB, llama_batch, make_llama
+from .conftest import llama_batch, llama_values, make_llama
 
 TUNERS = {
     "lora_token": lambda: RoutedLoraConfig(num_experts=4, r=4, top_k=2, init_lora_weights=False),
@@ -29,17 +29,7 @@ TUNERS = {
 def make_mistral(seed: int = 0):
     """Sliding-window attention: with the static cache its layers get a sliding cache and a sliding 4-D mask."""
     torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        sliding_window=6,
-    )
-    return MistralForCausalLM(config).eval()
+    return MistralForCausalLM(MistralConfig(**llama_values(sliding_window=6))).eval()
 
 
 def generate(model, batch, **kw):
