@@ -300,9 +300,8 @@ def shape(args) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generate", action="store_true", help="greedy decoding instead of a training step")
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    """The model and batch shape (shared with benchmarks/compile.py)."""
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=512)
@@ -315,6 +314,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=32)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generate", action="store_true", help="greedy decoding instead of a training step")
+    add_shape_args(parser)
     parser.add_argument("--new-tokens", type=int, default=128)
     add_common_args(parser, reps=10, warmup=2)
     args = parser.parse_args(argv)

@@ -63,8 +63,8 @@ def make_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
     return BertForSequenceClassification(bert_config(**overrides)).eval()
 
 
-def make_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
+def llama_values(**overrides) -> dict:
+    """The tiny Llama's config values (also those of Llama-like architectures, e.g. Mistral)."""
     values = dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -75,7 +75,12 @@ def make_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
         pad_token_id=0,
     )
     values.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**values)).eval()
+    return values
+
+
+def make_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**llama_values(**overrides))).eval()
 
 
 def t5_batch(batch: int = 4, seed: int = 1) -> dict:

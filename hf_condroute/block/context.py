@@ -49,6 +49,10 @@ def _cache_in_use(kwargs: dict) -> bool:
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
     if cache is None:
         return False
+    if torch.compiler.is_compiling():
+        # traced: the cache's length is a tensor (reading it breaks the graph); a decoding step feeds one token
+        ids = kwargs.get("input_ids")
+        return ids is None or ids.shape[-1] == 1
     try:
         return cache.get_seq_length() > 0
     except (AttributeError, TypeError):
@@ -81,6 +85,23 @@ def _batch_size(kwargs: dict) -> tuple[int | None, str]:
         hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
         return hidden.shape[0], "encoder_outputs"
     return None, ""
+
+
+def token_mask(mask) -> torch.Tensor | None:
+    """The (batch, length) mask routing reads, from the attention mask a forward got: a 2-D padding mask as it is;
+    a 4-D one (batch, heads, queries, keys), which transformers builds itself for static and sliding caches, as
+    whether each query attends to any key (a padding query attends to none). Boolean 4-D masks mark attended keys
+    True, additive float ones 0 (masked: -inf or the dtype's minimum). Anything else (a flex-attention BlockMask)
+    carries no padding routing can read: None, every token routed."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return mask if isinstance(mask, torch.Tensor) else None
+    if mask.dtype == torch.bool:
+        attended = mask[:, 0]
+    elif mask.is_floating_point():
+        attended = mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    else:
+        attended = mask[:, 0] != 0
+    return attended.any(dim=-1)
 
 
 class ModelRoutingState:
@@ -192,14 +213,14 @@ class ModelRoutingState:
         )
 
     def _set_mask(self, side: str, mask: torch.Tensor | None) -> None:
-        self.masks[side] = mask
+        self.masks[side] = token_mask(mask)
         self._masks_full.pop(side, None)
 
     def _mask_full(self, side: str) -> bool | None:
         """Whether `side`'s whole mask is ones, checked once per mask set by a forward, not in every block: a host
         sync per layer otherwise, and a few ops per layer and token in decoding."""
         mask = self.masks[side]
-        if mask is None:
+        if mask is None or torch.compiler.is_compiling():  # traced: blocks handle padding with fixed shapes
             return None
         full = self._masks_full.get(side)
         if full is None:
@@ -280,7 +301,7 @@ class ModelRoutingState:
         encoder_outputs = kwargs.get("encoder_outputs")
         continuing = _cache_in_use(kwargs) or encoder_outputs is not None
         self.tags = tags
-        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        input_ids, mask = kwargs.get("input_ids"), token_mask(kwargs.get("attention_mask"))
         self._set_keys(keys, input_ids, mask, continuing)
         self.labels = kwargs.get("labels")
         if self.is_encoder_decoder:
@@ -318,7 +339,7 @@ class ModelRoutingState:
     def _pre_encoder(self, module, args, kwargs):
         tags, keys = self._take_routing_kwargs(kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = token_mask(kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
         if not self._inside_forward:
             # the encoder runs on its own (as in generate): a new forward
             self._check_rows(tags, keys, {"input_ids": input_ids, **kwargs}, "the encoder")

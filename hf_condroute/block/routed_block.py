@@ -6,7 +6,7 @@ Every place that routes uses this block: the PEFT adapter tuner, the routed FFN,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -107,6 +107,7 @@ class RoutedRows:
     row_example: torch.Tensor | None = None
     row_mask: torch.Tensor | None = None
     every_token: bool = False
+    padding: torch.Tensor | None = None  # (R,) traced by torch.compile: rows that are padding, routed to no expert
 
 
 # every parameter and buffer of a block's router (network, REINFORCE baseline, BatchNorm statistics) has this in
@@ -178,8 +179,12 @@ class RoutedBlock(nn.Module):
             token_ids = match_rows(inputs.token_ids, batch, "input_ids", name, dev)
             token_ids = token_ids[:, -length:] if token_ids is not None else None
         # every token a row (no padding): views in token order, not a gather and a scatter of the whole sequence
-        every_token = mask is None or inputs.mask_full or bool(row_mask.all())
-        if every_token:
+        # traced by torch.compile: shapes may not depend on the mask, so every token is a row and padding rows get
+        # no expert (see `decide`); eager: the padding rows are left out
+        traced = torch.compiler.is_compiling()
+        every_token = mask is None or bool(inputs.mask_full) or (not traced and bool(row_mask.all()))
+        padding = ~row_mask.reshape(-1) if traced and not every_token else None
+        if every_token or traced:
             # one token per example (decoding with the cache): row r is example r, which None says (no tensor)
             row_example = None if length == 1 else torch.arange(batch, device=dev).repeat_interleave(length)
             rows = seq.reshape(batch * length, 1, -1)  # (M, 1, D)
@@ -188,7 +193,8 @@ class RoutedBlock(nn.Module):
             row_example = torch.arange(batch, device=dev).unsqueeze(1).expand(batch, length)[row_mask]
             rows = seq[row_mask].unsqueeze(1)
             keys = token_ids[row_mask] if token_ids is not None else None
-        return RoutedRows(rows, rows.squeeze(1), keys, batch, length, row_example, row_mask, every_token)
+        every_token = every_token or traced
+        return RoutedRows(rows, rows.squeeze(1), keys, batch, length, row_example, row_mask, every_token, padding)
 
     def decide(self, router: Router, record_key, r: RoutedRows, inputs: RoutingInputs):
         """router's decision on the rows, recorded under `record_key`; returns it and the combine weights (which
@@ -205,6 +211,11 @@ class RoutedBlock(nn.Module):
             )
         decision = router(r.features, tags=row_tags, keys=r.keys, step=inputs.step.id if inputs.step else None)
         factor = router.config.expert_capacity_factor
+        if r.padding is not None:  # traced, padded: padding rows choose no expert, so they add nothing
+            pad = r.padding.unsqueeze(1)
+            decision = replace(
+                decision, experts=decision.experts.masked_fill(pad, -1), weights=decision.weights.masked_fill(pad, 0.0)
+            )
         if factor is not None and router.capacity_applies():
             decision = limit_capacity(decision, router.num_experts, factor)
         weights = decision.weights

@@ -22,6 +22,11 @@ from ..routers.base import Router, RoutingDecision
 _step_ids = itertools.count(1)
 
 
+def _next_step_id() -> int | None:
+    # traced by torch.compile: no id (a global counter read in the graph would be a guard that fails every forward)
+    return None if torch.compiler.is_compiling() else next(_step_ids)
+
+
 @dataclass
 class RoutingRecord:
     """A block's decision in one forward, in routing rows, plus what its losses need."""
@@ -40,9 +45,14 @@ class RoutingRecord:
             return d
         b, length = self.batch_shape
 
+        every_position = d.experts.shape[0] == b * length  # a traced forward routes padding too (to no expert)
+
         def scatter(t: torch.Tensor | None, fill: float) -> torch.Tensor | None:
             if t is None:
                 return None
+            if every_position:
+                t = t.view(b, length, *t.shape[1:])
+                return t.masked_fill(~self.row_mask.view(b, length, *[1] * (t.dim() - 2)), fill)
             out = t.new_full((b, length, *t.shape[1:]), fill)
             out[self.row_mask] = t
             return out
@@ -61,11 +71,13 @@ class RoutingRecord:
 class RoutingStep:
     """Routing of one forward pass: records by block, the reward and the loss scale of its backward."""
 
-    id: int = field(default_factory=lambda: next(_step_ids))
+    id: int | None = field(default_factory=_next_step_id)
     records: dict = field(default_factory=dict)
     reward: torch.Tensor | None = None  # (B,) minus each example's task loss
     loss_scale: torch.Tensor | None = None
     loss_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    # under torch.compile: name -> (logits, baseline) still in the graph, whose losses join the returned loss directly
+    live: dict = field(default_factory=dict)
     _warned_scale: bool = False
 
     def set_reward(self, per_example_loss: torch.Tensor) -> None:
@@ -92,6 +104,11 @@ class RoutingStep:
         if not router.loss_coefficients() or decision.logits is None or not torch.is_grad_enabled():
             return decision.weights
         if not decision.logits.requires_grad and (decision.baseline is None or not decision.baseline.requires_grad):
+            return decision.weights
+        if torch.compiler.is_compiling():
+            # a backward that reads state set after the forward cannot be traced: the losses are added to the
+            # returned loss as ordinary terms instead (the same values and gradients; see `add_to_loss`)
+            self.live[name] = (decision.logits, decision.baseline)
             return decision.weights
 
         def loss_fn(logits: torch.Tensor, baseline: torch.Tensor | None) -> torch.Tensor | None:
@@ -122,20 +139,37 @@ class RoutingStep:
             return 1.0
         return self.loss_scale
 
-    @torch.no_grad()
     def compute_loss_values(self) -> dict[str, torch.Tensor]:
         """Weighted auxiliary losses of this step, summed over blocks, for reporting and for the returned loss."""
         values: dict[str, torch.Tensor] = {}
-        for record in self.records.values():
-            d = record.decision
-            if d.logits is None or not record.router.loss_coefficients():
-                continue
-            reward = self.rows_reward(record)
-            terms = record.router.loss_terms(d.logits, d.requested_experts(), d.baseline, record.targets, reward)
-            for key, value in terms.items():
-                values[key] = values.get(key, 0.0) + value.detach().float()
+        with torch.no_grad():  # a context, not a decorator: torch.compile cannot trace a decorated method
+            for record in self.records.values():
+                d = record.decision
+                if d.logits is None or not record.router.loss_coefficients():
+                    continue
+                reward = self.rows_reward(record)
+                terms = record.router.loss_terms(d.logits, d.requested_experts(), d.baseline, record.targets, reward)
+                for key, value in terms.items():
+                    values[key] = values.get(key, 0.0) + value.detach().float()
         self.loss_values = values
         return values
+
+    def live_loss(self) -> torch.Tensor | None:
+        """The auxiliary losses of the blocks traced by torch.compile, differentiable, summed; None without any.
+        Their detached values become `loss_values`."""
+        total, values = None, {}
+        for name, (logits, baseline) in self.live.items():
+            record = self.records[name]
+            reward = self.rows_reward(record)
+            terms = record.router.loss_terms(
+                logits, record.decision.requested_experts(), baseline, record.targets, reward
+            )
+            for key, value in terms.items():
+                values[key] = values.get(key, 0.0) + value.detach().float()
+                total = value if total is None else total + value
+        if total is not None:
+            self.loss_values = values
+        return total
 
     def total_loss_value(self) -> torch.Tensor | None:
         values = self.compute_loss_values()
@@ -143,17 +177,25 @@ class RoutingStep:
 
     def add_to_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss` plus this step's auxiliary loss values, wrapped so backward() learns its scale."""
+        live = self.live_loss()
+        if live is not None:  # traced: ordinary terms, scaled by backward() like the loss itself
+            return loss + live.to(loss.device, loss.dtype)
         total = self.total_loss_value()
         if total is not None:
             loss = loss + total.to(loss.device, loss.dtype)
-        return _LossScaleProbe.apply(loss, self) if loss.requires_grad else loss
+        # traced: no block attached a loss to its weights (`attach`), so no backward needs the scale
+        probe = loss.requires_grad and not torch.compiler.is_compiling()
+        return _LossScaleProbe.apply(loss, self) if probe else loss
 
     def loss(self, device=None) -> torch.Tensor:
         """This step's auxiliary losses as a scalar to add to a loss of your own."""
+        live = self.live_loss()
+        if live is not None:
+            return live.float().to(device) if device is not None else live.float()
         total = self.total_loss_value()
         anchor = torch.zeros((), device=device, requires_grad=True)
         value = anchor if total is None else anchor + total.to(anchor.device)
-        return _LossScaleProbe.apply(value, self)
+        return value if torch.compiler.is_compiling() else _LossScaleProbe.apply(value, self)
 
 
 class _AttachRoutingLoss(torch.autograd.Function):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .grouping import combine_rows, count_assignments, gather_rows, group_by_expert
-from .strategies import STRATEGIES, ExpertMLPWeights, choose_strategy
+from .strategies import STRATEGIES, ExpertMLPWeights, choose_strategy, dense_weights
 
 
 def _zero_output(x: torch.Tensor, out_features: int, params) -> torch.Tensor:
@@ -54,6 +54,20 @@ def expert_mlp(
     # no reshape of a 3-D x: its gradient would then be a view, which autograd cannot accumulate in place
     seq = x if x.dim() == 3 else x.reshape(x.shape[0], -1, d)  # (R, T, D)
     rows, length, width = seq.shape[0], seq.shape[1], experts.shape[1]
+
+    def hidden(pre: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        h = act(pre) if gate is None else act(gate) * pre
+        return post(h) if post is not None else h
+
+    if torch.compiler.is_compiling():
+        # traced: no host sync and no shape that depends on the decision, so only the static strategies (empty
+        # slots weigh 0); `grouped`'s group sizes would break the graph and recompile as the counts change
+        weights = weights.to(x.dtype).masked_fill(experts < 0, 0.0)
+        if merge:
+            strategy = "merged"
+        elif strategy not in ("dense", "per_row"):
+            strategy = choose_strategy(rows, length, width, rows * width, mlp, static=True)
+        return STRATEGIES[strategy](seq, experts, weights, mlp, hidden, None).reshape(*x.shape[:-1], out_features)
     counted = count_assignments(experts, num_experts)
     empty, counts = counted
     assignments = rows * width - empty
@@ -73,10 +87,6 @@ def expert_mlp(
     elif strategy is None:
         strategy = "single" if one_expert else choose_strategy(rows, length, width, assignments, mlp)
 
-    def hidden(pre: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        h = act(pre) if gate is None else act(gate) * pre
-        return post(h) if post is not None else h
-
     out = STRATEGIES[strategy](seq, experts, weights, mlp, hidden, counted)
     return out.reshape(*x.shape[:-1], out_features)
 
@@ -92,6 +102,10 @@ def dispatch(
     """Experts of any shape: run expert_forward(e, rows) once per non-empty expert on the rows routed to it
     (rows (n_e, ...) in x's layout) and sum the weighted outputs back per row. Two-matmul experts should use
     `expert_mlp`, which is faster."""
+    if torch.compiler.is_compiling():  # traced: every expert on every row, weighted (no shape depends on the decision)
+        table = dense_weights(experts, weights.masked_fill(experts < 0, 0.0), num_experts).to(x.dtype)
+        shape = (-1, *([1] * (x.dim() - 1)))
+        return sum(expert_forward(e, x) * table[:, e].view(shape) for e in range(num_experts))
     counted = count_assignments(experts, num_experts)
     if counted[0] == experts.numel():
         # an expert run on no rows, so that the output still reaches the experts' parameters

@@ -110,8 +110,11 @@ def _looped_linear(a, b, counts, bias=None, row_scale=None):
 def _grouped_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     # grouped GEMM kernels need 16-byte aligned row strides
     size = a.element_size()
+    # traced by torch.compile, grouped_mm takes bf16 only (the eager probe passes float32 on CPU)
+    traced_ok = not torch.compiler.is_compiling() or a.dtype == torch.bfloat16
     return (
-        a.dtype == b.dtype
+        traced_ok
+        and a.dtype == b.dtype
         and a.shape[-1] * size % 16 == 0
         and b.shape[-1] * size % 16 == 0
         and grouped_mm_supported(a.device, a.dtype)

@@ -65,8 +65,11 @@ class ExpertMLPWeights:
             raise ValueError(f"b_gate needs w_gate and shape ({n}, {h}), got {tuple(self.b_gate.shape)}.")
 
 
-def choose_strategy(rows: int, length: int, width: int, assignments: int, mlp: ExpertMLPWeights) -> str:
-    """'dense', 'per_row' or 'grouped': the cheapest in multiply-adds plus the cost of moving values.
+def choose_strategy(
+    rows: int, length: int, width: int, assignments: int, mlp: ExpertMLPWeights, static: bool = False
+) -> str:
+    """'dense', 'per_row' or 'grouped': the cheapest in multiply-adds plus the cost of moving values; with `static`
+    (under torch.compile), 'dense' or 'per_row', whose shapes do not depend on the decision.
 
     rows R of length T, `width` slots per row of which `assignments` are filled. `per_row` moves each
     slot's weights twice (the gather, the gradient's index_add), `grouped` each assigned row twice (gather
@@ -79,6 +82,8 @@ def choose_strategy(rows: int, length: int, width: int, assignments: int, mlp: E
     dense = rows * length * n * macs_per_token + MOVE_COST_IN_MACS * first * n * d * h  # (a copy of W1)
     per_row = rows * width * (length * macs_per_token + 2 * MOVE_COST_IN_MACS * moved)
     grouped = assignments * length * (macs_per_token + 2 * MOVE_COST_IN_MACS * (d + o)) + GROUPED_OVERHEAD_IN_MACS
+    if static:  # one comparison (dynamo cannot take min() of symbolic costs when the shapes are dynamic)
+        return "dense" if dense <= per_row else "per_row"
     return min((dense, "dense"), (per_row, "per_row"), (grouped, "grouped"))[1]
 
 

@@ -67,7 +67,7 @@ class RoutingStatsCallback(TrainerCallback):
         self._train = RoutingStatsAccumulator()
         self._eval = self._new_eval()
         self._previous_decisions: dict[str, dict] = {}
-        self._seen_step: int | None = None
+        self._seen_step = None  # the RoutingStep last counted
 
     def attach(self, trainer) -> RoutingStatsCallback:
         """Add this callback to `trainer` right after its `DefaultFlowCallback`, before the reporting
@@ -87,9 +87,10 @@ class RoutingStatsCallback(TrainerCallback):
     def _new_forward(self, model) -> bool:
         """True once per forward: the same step is never counted twice."""
         state = ModelRoutingState.find(model) if model is not None else None
-        if state is None or state.step is None or state.step.id == self._seen_step:
+        # the step itself, not its id: a forward traced by torch.compile has none
+        if state is None or state.step is None or state.step is self._seen_step:
             return False
-        self._seen_step = state.step.id
+        self._seen_step = state.step
         return True
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

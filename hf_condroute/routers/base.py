@@ -181,7 +181,13 @@ class Router(nn.Module):
         """Map tags to experts, keeping -100 (unknown); raise a clear error for tags out of range."""
         known = tags != -100
         bad = known & ((tags < 0) | (tags >= self.num_tags))
-        if bool(bad.any()):
+        if torch.compiler.is_compiling():  # traced: checked on the device, without a host sync that breaks the graph
+            torch._assert_async(
+                ~bad.any(),
+                f"routing_tags out of range in block {self.block_name or '<unnamed>'}: tags must be in "
+                f"0..{self.num_tags - 1} (or -100 for unknown).",
+            )
+        elif bool(bad.any()):
             values = sorted({int(t) for t in tags[bad].unique().tolist()})
             raise ValueError(
                 f"routing_tags out of range in block {self.block_name or '<unnamed>'}: got {values}, but tags must be "

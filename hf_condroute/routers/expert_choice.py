@@ -22,7 +22,8 @@ class ExpertChoiceRouter(Router):
         chosen = torch.zeros_like(probs, dtype=torch.bool)
         chosen[picked_rows, torch.arange(n, device=probs.device).unsqueeze(-1)] = True
         # compact each row's chosen experts to the left; empty slots become -1 with weight 0
-        width = max(1, int(chosen.sum(dim=-1).max()))
+        # traced by torch.compile: every expert a slot (a width read from the data would break the graph)
+        width = n if torch.compiler.is_compiling() else max(1, int(chosen.sum(dim=-1).max()))
         order = chosen.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :width]
         valid = chosen.gather(1, order)
         experts = torch.where(valid, order, torch.full_like(order, -1))

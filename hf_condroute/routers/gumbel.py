@@ -42,10 +42,16 @@ class STGumbelRouter(Router):
             return RoutingDecision(experts=experts, weights=torch.ones_like(weights), probs=probs, logits=logits)
         # a recomputation under gradient checkpointing repeats the step: count each step once, so the
         # recomputed temperature equals the original one
-        if step is None or step != self._last_step:
+        if torch.compiler.is_compiling():  # traced: the temperature a tensor (no step id: count every forward)
             self.num_updates += 1
-            self._last_step = step
-        tau = self.temperature()
+            c = self.config
+            decay = c.gumbel_temperature_start * torch.exp(-c.gumbel_anneal_rate * self.num_updates.float())
+            tau = decay.clamp(min=c.gumbel_temperature_min)
+        else:
+            if step is None or step != self._last_step:
+                self.num_updates += 1
+                self._last_step = step
+            tau = self.temperature()
         gumbel = -torch.empty_like(logits).exponential_().log()
         relaxed = ((logits.log_softmax(dim=-1) + gumbel) / tau).softmax(dim=-1)
         experts = relaxed.topk(self.top_k, dim=-1).indices

@@ -33,12 +33,15 @@ class TagRouter(Router):
                 "add a `routing_tags` column to your dataset."
             )
         targets = self.tag_targets(tags)
-        if bool((targets == -100).any()):
-            raise ValueError(
-                f"The tag router of block {self.block_name or '<unnamed>'} got tag -100 (unknown): tag routing needs "
-                "a known tag for every example. Give every example a tag, or use a learned router with "
-                "`tag_supervision_coef` to learn from partial tags."
-            )
+        message = (
+            f"The tag router of block {self.block_name or '<unnamed>'} got tag -100 (unknown): tag routing needs "
+            "a known tag for every example. Give every example a tag, or use a learned router with "
+            "`tag_supervision_coef` to learn from partial tags."
+        )
+        if torch.compiler.is_compiling():  # traced: checked on the device (no host sync)
+            torch._assert_async(~(targets == -100).any(), message)
+        elif bool((targets == -100).any()):
+            raise ValueError(message)
         return _one_hot_decision(targets, self.num_experts)
 
 

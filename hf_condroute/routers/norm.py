@@ -41,9 +41,25 @@ class RouterBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, True, self.update_factor(), self.eps
         )
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same update with the factor a tensor: under torch.compile, reading the counter as a Python number
+        would break the graph and freeze its value into the guards (a recompilation every step)."""
+        count = self.num_batches_tracked.to(self.running_mean.dtype)
+        factor = 1.0 / count if self.momentum is None else (1.0 / count).clamp(min=self.momentum)
+        var, mean = torch.var_mean(x, dim=0, correction=0)
+        with torch.no_grad():
+            rows = x.shape[0]
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+            unbiased = var.detach() * (rows / max(rows - 1, 1))
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -129,7 +145,7 @@ def batchnorm_linear(norm: nn.Module, linear: nn.Linear, x: torch.Tensor) -> tor
         or x.dim() != 2
         or bool(norm._forward_hooks or norm._forward_pre_hooks or linear._forward_hooks or linear._forward_pre_hooks)
     )
-    if plain:
+    if plain or torch.compiler.is_compiling():  # traced: plain ops, which the compiler fuses itself
         return linear(norm(x))
     if not norm.training:
         if not (norm.track_running_stats and norm.running_mean is not None):
