@@ -80,6 +80,18 @@ def supervised_tags(tags: torch.Tensor, percent: int, seed: int) -> torch.Tensor
     return out
 
 
+def tags_for_training(
+    router: str | None, supervision_percent: int, tags: torch.Tensor, seed: int
+) -> torch.Tensor | None:
+    """The tags a row trains with: all of them for tag routing, a supervised subset (`supervised_tags`) for a `+sup`
+    row, else None (the router never sees them)."""
+    if router == "tag":
+        return tags
+    if supervision_percent:
+        return supervised_tags(tags, supervision_percent, seed)
+    return None
+
+
 def sem(values: list[float]) -> float | None:
     """The standard error of the mean (None for a single value)."""
     n = len(values)

@@ -17,7 +17,7 @@ from transformers import get_linear_schedule_with_warmup
 from hf_condroute import RoutingStep, routing_focus_cover
 from hf_condroute.routers import router_class
 
-from ..rows import HEURISTIC_ROUTERS, SUPERVISION_PERCENTS, StudyRow, sem, supervised_tags  # noqa: F401
+from ..rows import HEURISTIC_ROUTERS, SUPERVISION_PERCENTS, StudyRow, sem, supervised_tags, tags_for_training  # noqa: F401
 from .data import NUM_VALUES, DAESynData
 from .model import DAEConfig, DiscreteAutoencoder, routing_configs
 
@@ -147,12 +147,7 @@ def run_row(
         if pretrained is None:
             raise ValueError(f"Row {row.name} starts from a tag-routing model: pass `pretrained=` (pretrain_for_init).")
         model.load_state_dict(pretrained, strict=False)
-    if row.router == "tag":
-        tags = data.tags
-    elif row.supervision_percent:
-        tags = supervised_tags(data.tags, row.supervision_percent, seed)
-    else:
-        tags = None
+    tags = tags_for_training(row.router, row.supervision_percent, data.tags, seed)
     train(model, data, settings, seed, tags, on_steps)
     scores = evaluate(model, data, settings.eval_batch_size)
     carried = model.subnetworks_and_decoder() if row.router == "tag" else None

@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from hf_condroute import RoutingDecision, get_routing, routing_focus_cover, routing_loss
 
-from ..rows import supervised_tags
+from ..rows import tags_for_training
 from .data import Review, encode
 from .model import Backbone, Batch, label_logits, left_pad
 
@@ -91,12 +91,7 @@ def train(model, data: Encoded, row, label_ids: list[int], steps: int, batch_siz
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
-    if row.router == "tag":
-        tags = data.sources
-    elif row.supervision_percent:
-        tags = supervised_tags(data.sources, row.supervision_percent, seed)
-    else:
-        tags = None
+    tags = tags_for_training(row.router, row.supervision_percent, data.sources, seed)
     order = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(len(data), generator=order).tolist(), 0
     wall, cpu = [], []

@@ -22,7 +22,7 @@ from hf_condroute.integrations.warm_start import load_experts_from
 from hf_condroute.routers import router_class
 from hf_condroute.stats.metrics import expert_counts, expert_load, routing_focus_cover
 
-from ..rows import HEURISTIC_ROUTERS, SUPERVISION_PERCENTS, StudyRow, sem, supervised_tags  # noqa: F401
+from ..rows import HEURISTIC_ROUTERS, SUPERVISION_PERCENTS, StudyRow, sem, supervised_tags, tags_for_training  # noqa: F401
 from .data import ResDomData
 from .model import AdapterSettings, ResDomDataset, routed_model, training_arguments
 
@@ -73,11 +73,8 @@ def adapter_settings(row: Row, settings: TrainSettings, seed: int) -> AdapterSet
 
 
 def training_tags(row: Row, data: ResDomData, seed: int) -> torch.Tensor:
-    if row.router == "tag":
-        return data.domains
-    if row.supervision_percent:
-        return supervised_tags(data.domains, row.supervision_percent, seed)
-    return torch.full_like(data.domains, -100)  # no router but tag reads them: unknown everywhere
+    tags = tags_for_training(row.router, row.supervision_percent, data.domains, seed)
+    return tags if tags is not None else torch.full_like(data.domains, -100)  # the Trainer needs the column
 
 
 @torch.no_grad()
