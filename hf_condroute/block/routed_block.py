@@ -211,6 +211,14 @@ class RoutedBlock(nn.Module):
             )
         # traced, padded: the router is told which rows are real (BatchNorm statistics, Expert Choice's picks)
         valid = None if r.padding is None else ~r.padding
+        if valid is not None and not router.takes_valid:
+            raise ValueError(
+                f"Router {type(router).__name__} of block {name or '<unnamed>'} has no `valid` argument, which "
+                "torch.compile needs on padded per-token batches (padding tokens stay rows; `valid` marks the real "
+                "ones, for the BatchNorm statistics and the loss means). Add `valid=None` to its `forward` and "
+                "`loss_terms` and pass it on to `compute_logits` and the base class's `loss_terms`, or compile with "
+                "unpadded batches."
+            )
         extra = {} if valid is None else {"valid": valid}
         decision = router(r.features, tags=row_tags, keys=r.keys, step=inputs.step.id if inputs.step else None, **extra)
         factor = router.config.expert_capacity_factor

@@ -7,6 +7,7 @@ BatchNorm + Linear (+ softmax), and the generic auxiliary terms; each family onl
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -116,6 +117,8 @@ class Router(nn.Module):
         self.top_k = min(config.top_k, num_experts) if self.uses_top_k else num_experts
         self.config = config
         self.block_name = block_name
+        # a custom router written before `valid` (see `forward`) cannot be told a traced padded batch's real rows
+        self.takes_valid = "valid" in inspect.signature(self.forward).parameters
         mapping = config.tag_mapping_for(block_name)
         self.num_tags = len(mapping) if mapping is not None else num_experts
         table = torch.tensor(mapping if mapping is not None else range(num_experts), dtype=torch.long)
