@@ -14,7 +14,7 @@ from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from hf_condroute import RoutedAdapterConfig, RoutedFFNConfig, RoutedLoraConfig
+from hf_condroute import AdapterBank, RoutedAdapterConfig, RoutedBlock, RoutedFFNConfig, RoutedLoraConfig, RoutingInputs
 from hf_condroute.routers import ROUTERS, build_router, router_class
 from hf_condroute.routers.config import RoutingConfig
 
@@ -258,3 +258,22 @@ def test_trainer_torch_compile_trains_evaluates_saves_and_loads_eagerly(tmp_path
     batch = {k: torch.tensor([r[k] for r in rows[:4]]) for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_a_custom_router_without_valid_is_refused_clearly_on_padded_compiled_batches():
+    """A router written before `valid` cannot be told which rows of a traced padded batch are real: a clear error
+    naming the fix, not a TypeError from deep in the trace. Eager never passes `valid`, so it still routes there."""
+
+    class OldTopK(router_class("top_k")):
+        def forward(self, x, tags=None, keys=None, step=None):
+            return self.select(self.compute_logits(x), x)
+
+    config = RoutingConfig(router="top_k", num_experts=4, top_k=2)
+    block = RoutedBlock(OldTopK(8, 4, config), AdapterBank(4, 8, 3, init_weights=False), "token", name="blk")
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert block(x, RoutingInputs(mask=mask)).shape == x.shape
+    torch._dynamo.reset()
+    traced = torch.compile(lambda x, mask: block(x, RoutingInputs(mask=mask)), backend="eager", fullgraph=True)
+    # fullgraph: dynamo reports the ValueError raised while tracing as Unsupported, with its message
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="has no `valid` argument.*Add `valid=None`"):
+        traced(x, mask)
