@@ -14,7 +14,9 @@ from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from hf_condroute import RoutedAdapterConfig, RoutedFFNConfig, RoutedLoraConfig
+from hf_condroute import AdapterBank, RoutedAdapterConfig, RoutedBlock, RoutedFFNConfig, RoutedLoraConfig, RoutingInputs
+from hf_condroute.routers import ROUTERS, build_router, router_class
+from hf_condroute.routers.config import RoutingConfig
 
 from .conftest import VOCAB, llama_batch, make_llama
 
@@ -62,24 +64,34 @@ def test_routed_models_trace_without_graph_breaks(tuner):
         assert explained.graph_count == 1
 
 
-def compiled_and_eager_step(router: str, batch: dict, backend: str = "aot_eager", tuner=("adapter", "token")):
-    """(loss, gradients) of one training step, eager and compiled with fullgraph=True, from the same weights and
-    random seed."""
+# the auxiliary losses each router is checked with (the padded test adds tag supervision), so that every mean is
+LOSS_COEFS = {
+    "top_k": dict(router_aux_loss_coef=0.01, router_z_loss_coef=0.001, trimmed_lasso_coef=0.01),
+    "expert_choice": dict(router_aux_loss_coef=0.01, router_z_loss_coef=0.001),
+    "st_gumbel": dict(router_aux_loss_coef=0.01, router_z_loss_coef=0.001),
+    "dselect_k": dict(router_aux_loss_coef=0.01, trimmed_lasso_coef=0.01),
+    "comet": dict(router_aux_loss_coef=0.01, trimmed_lasso_coef=0.01),
+}
+
+
+def compiled_and_eager_step(router: str, batch: dict, backend: str = "aot_eager", tuner=("adapter", "token"), **config):
+    """(loss, logits, gradients, router buffers) of one training step, eager and compiled with fullgraph=True, from
+    the same weights and random seed."""
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        kw = {"router": router, "top_k": 1 if router == "hash" else 2}
-        if router in ("top_k", "expert_choice", "st_gumbel"):
-            kw.update(router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
+        kw = {"router": router, "top_k": 1 if router == "hash" else 2, **LOSS_COEFS.get(router, {}), **config}
         model = routed_llama(tuner, **kw).train()
-        step = lambda model=model, **b: model(**b).loss  # noqa: E731
+        step = lambda model=model, **b: model(**b)  # noqa: E731
         if compiled:
             torch._dynamo.reset()
             step = torch.compile(step, backend=backend, fullgraph=True)
         torch.manual_seed(1)
-        loss = step(**batch)
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        out = step(**batch)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        buffers = {n: b.clone() for n, b in model.named_buffers() if ".router." in n}
+        results.append((out.loss.detach(), out.logits.detach(), grads, buffers))
     return results
 
 
@@ -88,12 +100,92 @@ def compiled_and_eager_step(router: str, batch: dict, backend: str = "aot_eager"
 # width (expert_choice), hash keys (hash); the whole list would take minutes on 2 cores
 @pytest.mark.parametrize("router", ["top_k", "st_gumbel", "reinforce", "expert_choice", "hash"])
 def test_compiled_training_step_equals_eager(router):
-    (loss, grads), (c_loss, c_grads) = compiled_and_eager_step(router, unpadded(llama_batch()))
+    (loss, _, grads, _), (c_loss, _, c_grads, _) = compiled_and_eager_step(router, unpadded(llama_batch()))
     # the same float32 ops in another order (AOTAutograd's decompositions, the traced BatchNorm): fp32 rounding
     torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
     assert c_grads.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(c_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# deterministic routers of every mechanism a padded batch changes: BatchNorm statistics and the shared auxiliary
+# losses (top_k, with tag supervision on part of the batch), Expert Choice's picks among the real rows, hash keys, the
+# smooth-step gates whose losses take their own means (dselect_k, comet)
+@pytest.mark.parametrize("router", ["top_k", "expert_choice", "hash", "dselect_k", "comet"])
+def test_compiled_padded_training_step_equals_eager(router):
+    """Under compilation a padded batch's padding tokens stay rows (fixed shapes): the router's BatchNorm statistics
+    and every auxiliary loss's mean are taken over the real rows, as eager's, which drops the padding."""
+    batch = {**llama_batch(), "routing_tags": torch.tensor([0, -100, 2, 3])}  # example 1 is padded
+    supervised = {"tag_supervision_coef": 0.1} if router_class(router).learned else {}
+    eager, compiled = compiled_and_eager_step(router, batch, **supervised)
+    (loss, logits, grads, buffers), (c_loss, c_logits, c_grads, c_buffers) = eager, compiled
+    # the same float32 ops in another order (masked sums for BatchNorm and the means, AOTAutograd): fp32 rounding
+    torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(c_logits[real], logits[real], rtol=1e-5, atol=1e-5)
+    assert c_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(c_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert c_buffers.keys() == buffers.keys()
+    for name in buffers:  # running mean, unbiased running variance, batch count
+        torch.testing.assert_close(c_buffers[name], buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("router", ["st_gumbel", "reinforce"])
+def test_compiled_padded_training_updates_batchnorm_as_eager(router):
+    """Random routers draw for every row of the traced padded batch, padding included, so their samples differ from
+    eager's (the same distribution); what precedes the draw, the BatchNorm statistics, is eager's. One routed block:
+    a later block's input would follow the earlier block's different draws."""
+    eager, compiled = compiled_and_eager_step(router, llama_batch(), target_modules=["o_proj"])
+    (_, _, _, buffers), (_, _, _, c_buffers) = eager, compiled
+    stats = [n for n in buffers if "running" in n]
+    assert stats
+    for name in stats:
+        torch.testing.assert_close(c_buffers[name], buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+LEARNED = [name for name in ROUTERS if router_class(name).learned]
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_traced_loss_terms_on_padded_rows_equal_eager_on_real_rows(name):
+    """Every learned router's auxiliary losses (its own terms included: REINFORCE's policy, value and entropy,
+    DSelect-k's and COMET's), traced with padding rows among the real ones, equal eager's on the real rows alone, in
+    value and gradient (padding rows get none)."""
+    torch.manual_seed(0)
+    coefs = dict(router_aux_loss_coef=0.01, trimmed_lasso_coef=0.01, tag_supervision_coef=0.1)
+    if router_class(name).softmax_logits:
+        coefs["router_z_loss_coef"] = 0.001
+    config = RoutingConfig(router=name, num_experts=4, top_k=2, **coefs)
+    router = build_router(config, 8).train()
+    valid = torch.tensor([True, False, True, True, False, False, True, True, True, False])
+    decision = router(torch.randn(valid.shape[0], 8))
+    logits = decision.logits.detach()
+    baseline = None if decision.baseline is None else decision.baseline.detach().requires_grad_()
+    experts = decision.experts.masked_fill(~valid.unsqueeze(1), -1)  # as the block leaves padding rows
+    targets = torch.tensor([0, 1, -100, 3, 2, 0, 1, -100, 2, 3])
+    reward = torch.randn(valid.shape[0])
+
+    def total(logits, baseline, experts, targets, reward, valid=None):
+        terms = router.loss_terms(logits, experts, baseline, targets, reward, valid)
+        return sum(terms.values())
+
+    def value_and_grads(fn, rows, **extra):
+        leaf = logits[rows].clone().requires_grad_()
+        base = None if baseline is None else baseline.detach()[rows].clone().requires_grad_()
+        value = fn(leaf, base, experts[rows], targets[rows], reward[rows], **extra)
+        leaves = [leaf] if base is None else [leaf, base]
+        return value.detach(), torch.autograd.grad(value, leaves)
+
+    eager, eager_grads = value_and_grads(total, valid)
+    torch._dynamo.reset()
+    traced = torch.compile(total, backend="aot_eager", fullgraph=True)
+    every = torch.ones_like(valid)
+    compiled, compiled_grads = value_and_grads(traced, every, valid=valid)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)  # masked sums against means: fp32 rounding
+    for c, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(c[valid], e, rtol=1e-5, atol=1e-7)
+        assert not c[~valid].any()
 
 
 def test_compiled_padded_evaluation_equals_eager():
@@ -166,3 +258,22 @@ def test_trainer_torch_compile_trains_evaluates_saves_and_loads_eagerly(tmp_path
     batch = {k: torch.tensor([r[k] for r in rows[:4]]) for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_a_custom_router_without_valid_is_refused_clearly_on_padded_compiled_batches():
+    """A router written before `valid` cannot be told which rows of a traced padded batch are real: a clear error
+    naming the fix, not a TypeError from deep in the trace. Eager never passes `valid`, so it still routes there."""
+
+    class OldTopK(router_class("top_k")):
+        def forward(self, x, tags=None, keys=None, step=None):
+            return self.select(self.compute_logits(x), x)
+
+    config = RoutingConfig(router="top_k", num_experts=4, top_k=2)
+    block = RoutedBlock(OldTopK(8, 4, config), AdapterBank(4, 8, 3, init_weights=False), "token", name="blk")
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert block(x, RoutingInputs(mask=mask)).shape == x.shape
+    torch._dynamo.reset()
+    traced = torch.compile(lambda x, mask: block(x, RoutingInputs(mask=mask)), backend="eager", fullgraph=True)
+    # fullgraph: dynamo reports the ValueError raised while tracing as Unsupported, with its message
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="has no `valid` argument.*Add `valid=None`"):
+        traced(x, mask)

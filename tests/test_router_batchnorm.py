@@ -48,6 +48,29 @@ def test_past_the_averaging_phase_it_updates_as_nn_batchnorm1d():
     torch.testing.assert_close(ours.running_var, torchs.running_var, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_valid_rows_give_the_statistics_of_the_real_rows_alone(momentum):
+    """torch.compile keeps a padded batch's padding tokens as rows; `valid` marks the real ones. Outputs on them,
+    gradients, running statistics (unbiased variance over the real count) and the batch count are those of the real
+    rows alone, through the averaging phase and past it."""
+    masked, real = RouterBatchNorm1d(5, momentum=momentum).train(), RouterBatchNorm1d(5, momentum=momentum).train()
+    valid = torch.tensor([True, False, True, True, False, True, True, False])
+    for x in batches(12):
+        # padding rows far off: they must not move the statistics
+        x = torch.where(valid.unsqueeze(1), x, x * 1e3).requires_grad_()
+        out, expected = masked(x, valid), real(x[valid])
+        # masked sums against BatchNorm's kernel: the same statistics to float32 rounding
+        torch.testing.assert_close(out[valid], expected, rtol=1e-5, atol=1e-5)
+        weights = torch.randn(expected.shape)
+        (grad,) = torch.autograd.grad((out[valid] * weights).sum(), x)
+        (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+        assert not grad[~valid].any()
+    torch.testing.assert_close(masked.running_mean, real.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked.running_var, real.running_var, rtol=1e-5, atol=1e-5)
+    assert int(masked.num_batches_tracked) == int(real.num_batches_tracked) == 12
+
+
 def test_the_state_dict_is_nn_batchnorm1ds_and_a_loaded_one_decides_again():
     torchs = nn.BatchNorm1d(5).train()
     for x in batches(3):

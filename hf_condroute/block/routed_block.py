@@ -209,7 +209,18 @@ class RoutedBlock(nn.Module):
                 f"Block {name or '<unnamed>'} has tag_supervision_coef > 0 but got no `routing_tags` in training: pass "
                 "`routing_tags=` (-100 for examples without a tag), or set tag_supervision_coef=0."
             )
-        decision = router(r.features, tags=row_tags, keys=r.keys, step=inputs.step.id if inputs.step else None)
+        # traced, padded: the router is told which rows are real (BatchNorm statistics, Expert Choice's picks)
+        valid = None if r.padding is None else ~r.padding
+        if valid is not None and not router.takes_valid:
+            raise ValueError(
+                f"Router {type(router).__name__} of block {name or '<unnamed>'} has no `valid` argument, which "
+                "torch.compile needs on padded per-token batches (padding tokens stay rows; `valid` marks the real "
+                "ones, for the BatchNorm statistics and the loss means). Add `valid=None` to its `forward` and "
+                "`loss_terms` and pass it on to `compute_logits` and the base class's `loss_terms`, or compile with "
+                "unpadded batches."
+            )
+        extra = {} if valid is None else {"valid": valid}
+        decision = router(r.features, tags=row_tags, keys=r.keys, step=inputs.step.id if inputs.step else None, **extra)
         factor = router.config.expert_capacity_factor
         if r.padding is not None:  # traced, padded: padding rows choose no expert, so they add nothing
             pad = r.padding.unsqueeze(1)
@@ -217,7 +228,7 @@ class RoutedBlock(nn.Module):
                 decision, experts=decision.experts.masked_fill(pad, -1), weights=decision.weights.masked_fill(pad, 0.0)
             )
         if factor is not None and router.capacity_applies():
-            decision = limit_capacity(decision, router.num_experts, factor)
+            decision = limit_capacity(decision, router.num_experts, factor, None if valid is None else valid.sum())
         weights = decision.weights
         if inputs.step is not None:
             record = RoutingRecord(
@@ -227,6 +238,7 @@ class RoutedBlock(nn.Module):
                 targets=router.tag_targets(row_tags) if row_tags is not None and supervised else None,
                 batch_shape=(r.batch,) if r.row_mask is None else (r.batch, r.length),
                 row_mask=r.row_mask,
+                valid=valid,
             )
             if self.training:
                 weights = inputs.step.attach(record_key, record, decision)

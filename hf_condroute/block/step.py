@@ -37,6 +37,15 @@ class RoutingRecord:
     targets: torch.Tensor | None  # (R,) tag-supervision targets (-100 unknown), or None
     batch_shape: tuple  # (B,) for per-example routing, (B, L) for per-token routing
     row_mask: torch.Tensor | None = None  # (B, L) rows' positions for per-token routing
+    valid: torch.Tensor | None = None  # (R,) the real rows, where a traced padded batch keeps its padding as rows
+
+    def loss_terms(self, logits: torch.Tensor, baseline: torch.Tensor | None, reward: torch.Tensor | None) -> dict:
+        """The router's weighted auxiliary losses of this decision, means over its real rows."""
+        experts = self.decision.requested_experts()
+        extra = (
+            {} if self.valid is None else {"valid": self.valid}
+        )  # only with padding: custom routers need not know it
+        return self.router.loss_terms(logits, experts, baseline, self.targets, reward, **extra)
 
     def user_decision(self) -> RoutingDecision:
         """The decision shaped (batch, k) or (batch, tokens, k); padding tokens have expert -1 and weight 0."""
@@ -119,7 +128,7 @@ class RoutingStep:
                     "`labels`, so no per-example task loss was computed. Pass `labels` to the forward, or call "
                     "`hf_condroute.set_reward(model, per_example_loss)` before backward()."
                 )
-            terms = router.loss_terms(logits, record.decision.requested_experts(), baseline, record.targets, reward)
+            terms = record.loss_terms(logits, baseline, reward)
             if not terms:
                 return None
             return sum(terms.values()) * self.scale_for_backward()
@@ -148,7 +157,7 @@ class RoutingStep:
                 if d.logits is None or not record.router.loss_coefficients():
                     continue
                 reward = self.rows_reward(record)
-                terms = record.router.loss_terms(d.logits, d.requested_experts(), d.baseline, record.targets, reward)
+                terms = record.loss_terms(d.logits, d.baseline, reward)
                 for key, value in terms.items():
                     values[key] = values.get(key, 0.0) + value.detach().float()
         self.loss_values = values
@@ -161,9 +170,7 @@ class RoutingStep:
         for name, (logits, baseline) in self.live.items():
             record = self.records[name]
             reward = self.rows_reward(record)
-            terms = record.router.loss_terms(
-                logits, record.decision.requested_experts(), baseline, record.targets, reward
-            )
+            terms = record.loss_terms(logits, baseline, reward)
             for key, value in terms.items():
                 values[key] = values.get(key, 0.0) + value.detach().float()
                 total = value if total is None else total + value

@@ -7,6 +7,7 @@ BatchNorm + Linear (+ softmax), and the generic auxiliary terms; each family onl
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -77,8 +78,8 @@ class RouterNetwork(nn.Module):
     def dtype(self) -> torch.dtype:  # read per call by `run_in_float32`: cheaper than walking parameters()
         return self.proj.weight.dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return batchnorm_linear(self.norm, self.proj, x)  # in training one fused node (see `norm`)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return batchnorm_linear(self.norm, self.proj, x, valid)  # in training one fused node (see `norm`)
 
 
 class Router(nn.Module):
@@ -116,6 +117,8 @@ class Router(nn.Module):
         self.top_k = min(config.top_k, num_experts) if self.uses_top_k else num_experts
         self.config = config
         self.block_name = block_name
+        # a custom router written before `valid` (see `forward`) cannot be told a traced padded batch's real rows
+        self.takes_valid = "valid" in inspect.signature(self.forward).parameters
         mapping = config.tag_mapping_for(block_name)
         self.num_tags = len(mapping) if mapping is not None else num_experts
         table = torch.tensor(mapping if mapping is not None else range(num_experts), dtype=torch.long)
@@ -154,7 +157,9 @@ class Router(nn.Module):
 
         return super()._apply(keep_float32, recurse)
 
-    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The router network's logits for the rows x; `valid` (R,) marks the real rows of a traced padded batch (its
+        BatchNorm's batch statistics are taken over them)."""
         if self.training and self.config.router_batchnorm and x.shape[0] < 2:
             raise ValueError(
                 f"Router of block {self.block_name or '<unnamed>'} got {x.shape[0]} routing row in training: its "
@@ -165,12 +170,16 @@ class Router(nn.Module):
             x = x.detach()
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = run_in_float32(self.network, x)
+        logits = run_in_float32(self.network, x, valid)
         temperature = self.config.router_temperature
         return logits if temperature == 1.0 else logits / temperature
 
-    def forward(self, x: torch.Tensor, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
-        logits = self.compute_logits(x)
+    def forward(
+        self, x: torch.Tensor, tags=None, keys=None, step: int | None = None, valid: torch.Tensor | None = None
+    ) -> RoutingDecision:
+        """Decide for the rows x. `valid` (R,) bool: given only under torch.compile on a padded batch, whose padding
+        tokens stay rows (fixed shapes); True marks the real rows, the ones eager routes."""
+        logits = self.compute_logits(x, valid)
         return self.select(logits, x)
 
     def select(self, logits: torch.Tensor, x: torch.Tensor) -> RoutingDecision:
@@ -221,34 +230,39 @@ class Router(nn.Module):
         baseline: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         reward: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The weighted auxiliary losses of one decision, as functions of its logits (and baseline)."""
+        """The weighted auxiliary losses of one decision, as functions of its logits (and baseline); means over the
+        `valid` rows where given (see `losses`)."""
         coefs = self.loss_coefficients()
         terms: dict[str, torch.Tensor] = {}
         probs = self.routing_probs(logits)
         if "load_balance" in coefs:
-            terms["load_balance"] = coefs["load_balance"] * losses.load_balancing_loss(probs, experts, self.num_experts)
+            terms["load_balance"] = coefs["load_balance"] * losses.load_balancing_loss(
+                probs, experts, self.num_experts, valid
+            )
         if "z_loss" in coefs:
-            terms["z_loss"] = coefs["z_loss"] * losses.router_z_loss(logits)
+            terms["z_loss"] = coefs["z_loss"] * losses.router_z_loss(logits, valid)
         if "tag_supervision" in coefs and targets is not None:
             scores = logits if self.softmax_logits else probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-            terms["tag_supervision"] = coefs["tag_supervision"] * losses.tag_supervision_loss(scores, targets)
+            terms["tag_supervision"] = coefs["tag_supervision"] * losses.tag_supervision_loss(scores, targets, valid)
         if "trimmed_lasso" in coefs:
-            terms["trimmed_lasso"] = coefs["trimmed_lasso"] * losses.trimmed_lasso_loss(probs, self.top_k)
+            terms["trimmed_lasso"] = coefs["trimmed_lasso"] * losses.trimmed_lasso_loss(probs, self.top_k, valid)
         return terms
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_experts={self.num_experts}, top_k={self.top_k}"
 
 
-def run_in_float32(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def run_in_float32(network: nn.Module, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """network(x) in the network's dtype (float32, see `Router._apply`; float64 after `.double()`), autocast off, as
-    a float32 result: transformers' Switch router computes the same way."""
+    a float32 result: transformers' Switch router computes the same way. `valid` (the real rows, see
+    `Router.forward`) is passed on only where given."""
     dtype = network.dtype if isinstance(network, RouterNetwork) else next(network.parameters()).dtype
     # entering autocast's context costs more than a decoding step's router: only when autocast is on
     off = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
     with off:
-        return network(x.to(dtype)).float()
+        return (network(x.to(dtype)) if valid is None else network(x.to(dtype), valid)).float()
 
 
 def top_k_with_probs(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

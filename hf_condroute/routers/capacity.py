@@ -27,11 +27,18 @@ def expert_capacity(factor: float, rows: int, k: int, num_experts: int) -> int:
     return max(1, math.ceil(factor * rows * k / num_experts))
 
 
-def limit_capacity(decision: RoutingDecision, num_experts: int, factor: float) -> RoutingDecision:
-    """`decision` with the assignments over each expert's capacity emptied (see the module docstring)."""
+def limit_capacity(
+    decision: RoutingDecision, num_experts: int, factor: float, real_rows: torch.Tensor | None = None
+) -> RoutingDecision:
+    """`decision` with the assignments over each expert's capacity emptied (see the module docstring).
+    `real_rows`: under torch.compile on a padded batch, the number of real rows (a tensor), from which the capacity
+    is computed as eager does (its padding rows chose no expert, so they take no place)."""
     experts = decision.experts
     rows, k = experts.shape
-    capacity = expert_capacity(factor, rows, k, num_experts)
+    if real_rows is None:
+        capacity = expert_capacity(factor, rows, k, num_experts)
+    else:
+        capacity = (factor * real_rows.double() * k / num_experts).ceil().clamp(min=1)
     valid = experts >= 0
     # priority order: slot-major (every row's first choice, then every row's second, ...), rows in token order
     order = torch.where(valid, experts, torch.full_like(experts, num_experts)).t().reshape(-1)

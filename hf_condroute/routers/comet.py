@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .losses import row_mean
 from .smooth_step import SmoothGateNetwork, SmoothStepGate, entropy_sum, smooth_step
 
 
@@ -108,10 +109,10 @@ class CometRouter(SmoothStepGate):
             coefs["comet_entropy"] = self.config.comet_entropy_coef
         return {k: v for k, v in coefs.items() if v > 0}
 
-    def loss_terms(self, logits, experts, baseline=None, targets=None, reward=None):
-        terms = super().loss_terms(logits, experts, baseline, targets, reward)
+    def loss_terms(self, logits, experts, baseline=None, targets=None, reward=None, valid=None):
+        terms = super().loss_terms(logits, experts, baseline, targets, reward, valid)
         coefs = self.loss_coefficients()
         if "comet_entropy" in coefs:
             probs, _ = self.trees(logits)
-            terms["comet_entropy"] = coefs["comet_entropy"] * entropy_sum(probs).sum(dim=-1).mean()
+            terms["comet_entropy"] = coefs["comet_entropy"] * row_mean(entropy_sum(probs).sum(dim=-1), valid)
         return terms

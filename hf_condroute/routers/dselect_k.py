@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .losses import row_mean
 from .smooth_step import ENTROPY_EPS, SmoothGateNetwork, SmoothStepGate, entropy_sum, smooth_step
 
 
@@ -81,14 +82,14 @@ class DSelectKRouter(SmoothStepGate):
             coefs["dselect_reach"] = self.config.dselect_reach_coef
         return {k: v for k, v in coefs.items() if v > 0}
 
-    def loss_terms(self, logits, experts, baseline=None, targets=None, reward=None):
-        terms = super().loss_terms(logits, experts, baseline, targets, reward)
+    def loss_terms(self, logits, experts, baseline=None, targets=None, reward=None, valid=None):
+        terms = super().loss_terms(logits, experts, baseline, targets, reward, valid)
         coefs = self.loss_coefficients()
         if "dselect_entropy" in coefs or "dselect_reach" in coefs:
             r, _ = self.selectors(logits)
             if "dselect_entropy" in coefs:
-                terms["dselect_entropy"] = coefs["dselect_entropy"] * entropy_sum(r).sum(dim=-1).mean()
+                terms["dselect_entropy"] = coefs["dselect_entropy"] * row_mean(entropy_sum(r).sum(dim=-1), valid)
             if "dselect_reach" in coefs:
-                reach = (1.0 / (r.sum(dim=-1) + ENTROPY_EPS)).sum(dim=-1).mean()
+                reach = row_mean((1.0 / (r.sum(dim=-1) + ENTROPY_EPS)).sum(dim=-1), valid)
                 terms["dselect_reach"] = coefs["dselect_reach"] * reach
         return terms

@@ -34,8 +34,8 @@ class STGumbelRouter(Router):
         t = int(self.num_updates)
         return max(c.gumbel_temperature_min, c.gumbel_temperature_start * math.exp(-c.gumbel_anneal_rate * t))
 
-    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
-        logits = self.compute_logits(x)
+    def forward(self, x, tags=None, keys=None, step: int | None = None, valid=None) -> RoutingDecision:
+        logits = self.compute_logits(x, valid)
         probs = logits.softmax(dim=-1)
         if not self.training:
             weights, experts = probs.topk(self.top_k, dim=-1)

@@ -25,7 +25,7 @@ class TagRouter(Router):
     uses_top_k = False
     needs_tags = True
 
-    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None, valid=None) -> RoutingDecision:
         if tags is None:
             raise ValueError(
                 f"The tag router of block {self.block_name or '<unnamed>'} needs `routing_tags`: pass "
@@ -58,7 +58,7 @@ class HashRouter(Router):
         super().__init__(in_features, num_experts, config, block_name)
         self.salt = block_salt(block_name, config.hash_seed)
 
-    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None, valid=None) -> RoutingDecision:
         if keys is None:
             raise ValueError(
                 f"The hash router of block {self.block_name or '<unnamed>'} has no key to hash: pass `input_ids`, or, "
@@ -79,6 +79,6 @@ class MonolithicRouter(Router):
     def __init__(self, in_features, num_experts, config, block_name=""):
         super().__init__(in_features, 1, config, block_name)
 
-    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None, valid=None) -> RoutingDecision:
         experts = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return _one_hot_decision(experts, 1)

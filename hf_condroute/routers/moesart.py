@@ -90,8 +90,8 @@ class MoesartRouter(Router):
         "(paper B section 3.1)."
     )
 
-    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
-        logits = self.compute_logits(x)
+    def forward(self, x, tags=None, keys=None, step: int | None = None, valid=None) -> RoutingDecision:
+        logits = self.compute_logits(x, valid)
         probs = logits.softmax(dim=-1)
         if not self.training:
             experts = probs.topk(self.top_k, dim=-1).indices

@@ -36,28 +36,44 @@ class RouterBatchNorm1d(nn.BatchNorm1d):
         self._averaging_done = factor == self.momentum
         return factor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """`valid` (R,) bool: the real rows of x, over which the batch statistics are taken (torch.compile keeps a
+        padded batch's padding tokens as rows; eager drops them and passes None). Padding rows are normalised with
+        the real rows' statistics and add nothing to them."""
         if not (self.training and self.track_running_stats):
+            if valid is not None and (self.training or self.running_mean is None):  # batch statistics, not updated
+                return self._traced_forward(x, valid, update=False)
             return super().forward(x)
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
-        if torch.compiler.is_compiling():
-            return self._traced_forward(x)
+        if valid is not None or torch.compiler.is_compiling():
+            return self._traced_forward(x, valid)
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, True, self.update_factor(), self.eps
         )
 
-    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _traced_forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, update: bool = True) -> torch.Tensor:
         """The same update with the factor a tensor: under torch.compile, reading the counter as a Python number
-        would break the graph and freeze its value into the guards (a recompilation every step)."""
-        count = self.num_batches_tracked.to(self.running_mean.dtype)
-        factor = 1.0 / count if self.momentum is None else (1.0 / count).clamp(min=self.momentum)
-        var, mean = torch.var_mean(x, dim=0, correction=0)
-        with torch.no_grad():
+        would break the graph and freeze its value into the guards (a recompilation every step). With `valid`, the
+        statistics (and the unbiased variance's count) are those of the real rows only, as eager's."""
+        if valid is None:
+            var, mean = torch.var_mean(x, dim=0, correction=0)
             rows = x.shape[0]
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
-            unbiased = var.detach() * (rows / max(rows - 1, 1))
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+            bessel = rows / max(rows - 1, 1)
+        else:
+            keep = valid.unsqueeze(1)
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            rows = valid.sum().to(x.dtype)
+            mean = torch.where(keep, x, zero).sum(dim=0) / rows.clamp(min=1)
+            var = torch.where(keep, (x - mean).square(), zero).sum(dim=0) / rows.clamp(min=1)
+            bessel = rows / (rows - 1).clamp(min=1)
+        if update:
+            count = self.num_batches_tracked.to(self.running_mean.dtype)
+            factor = 1.0 / count if self.momentum is None else (1.0 / count).clamp(min=self.momentum)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                unbiased = var.detach() * bessel
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
         y = (x - mean) * torch.rsqrt(var + self.eps)
         return y * self.weight + self.bias if self.affine else y
 
@@ -135,18 +151,22 @@ def _folded_linear(norm: nn.BatchNorm1d, linear: nn.Linear, x: torch.Tensor) -> 
     return torch.addmm(c, x, (linear.weight * scale).t())
 
 
-def batchnorm_linear(norm: nn.Module, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def batchnorm_linear(
+    norm: nn.Module, linear: nn.Linear, x: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """linear(norm(x)) for x (M, D) and `norm` a BatchNorm1d. Training on batch statistics: one fused node
     (`_BatchNormLinear`, the same values and gradients up to float rounding; the running statistics are updated as
     `norm` would). Evaluating on running statistics: the statistics folded into the Linear (`_folded_linear`).
-    Anything else (hooks, other norms, other shapes): the two modules."""
+    Anything else (hooks, other norms, other shapes): the two modules. `valid`: the real rows of a padded batch
+    under torch.compile (see `RouterBatchNorm1d.forward`)."""
     plain = (
         not isinstance(norm, nn.BatchNorm1d)
         or x.dim() != 2
         or bool(norm._forward_hooks or norm._forward_pre_hooks or linear._forward_hooks or linear._forward_pre_hooks)
     )
-    if plain or torch.compiler.is_compiling():  # traced: plain ops, which the compiler fuses itself
-        return linear(norm(x))
+    if plain or valid is not None or torch.compiler.is_compiling():  # traced: plain ops, which the compiler fuses
+        masked = valid is not None and isinstance(norm, RouterBatchNorm1d)
+        return linear(norm(x, valid) if masked else norm(x))
     if not norm.training:
         if not (norm.track_running_stats and norm.running_mean is not None):
             return linear(norm(x))

@@ -48,8 +48,8 @@ class ReinforceRouter(Router):
         super().__init__(in_features, num_experts, config, block_name)
         self.baseline = Baseline(in_features, config.reinforce_baseline_hidden)
 
-    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
-        logits = self.compute_logits(x)
+    def forward(self, x, tags=None, keys=None, step: int | None = None, valid=None) -> RoutingDecision:
+        logits = self.compute_logits(x, valid)
         probs = logits.softmax(dim=-1)
         if self.training:
             experts = torch.multinomial(probs.detach(), self.top_k, replacement=False)
@@ -69,17 +69,21 @@ class ReinforceRouter(Router):
         )
         return {k: v for k, v in coefs.items() if v > 0}
 
-    def loss_terms(self, logits, experts, baseline=None, targets=None, reward=None):
-        terms = super().loss_terms(logits, experts, baseline, targets, reward)
+    def loss_terms(self, logits, experts, baseline=None, targets=None, reward=None, valid=None):
+        terms = super().loss_terms(logits, experts, baseline, targets, reward, valid)
         coefs = self.loss_coefficients()
         log_probs = logits.log_softmax(dim=-1)
         if "reinforce_entropy" in coefs:
-            terms["reinforce_entropy"] = -coefs["reinforce_entropy"] * losses.entropy(log_probs.exp(), log_probs)
+            terms["reinforce_entropy"] = -coefs["reinforce_entropy"] * losses.entropy(log_probs.exp(), log_probs, valid)
         if reward is not None:
             if "reinforce_policy" in coefs:
-                log_pi = plackett_luce_log_prob(log_probs, experts)
-                terms["reinforce_policy"] = coefs["reinforce_policy"] * losses.policy_loss(log_pi, reward, baseline)
+                log_pi = plackett_luce_log_prob(log_probs, experts.clamp(min=0))  # -1: traced padding rows
+                terms["reinforce_policy"] = coefs["reinforce_policy"] * losses.policy_loss(
+                    log_pi, reward, baseline, valid
+                )
             if "reinforce_value" in coefs:
                 delta = self.config.reinforce_huber_delta
-                terms["reinforce_value"] = coefs["reinforce_value"] * losses.huber_value_loss(reward, baseline, delta)
+                terms["reinforce_value"] = coefs["reinforce_value"] * losses.huber_value_loss(
+                    reward, baseline, delta, valid
+                )
         return terms

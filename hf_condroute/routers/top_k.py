@@ -62,8 +62,8 @@ class XMoENetwork(nn.Module):
         nn.init.orthogonal_(self.expert_embeddings)
         self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(batchnorm_linear(self.norm, self.proj, x), dim=-1)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        z = F.normalize(batchnorm_linear(self.norm, self.proj, x, valid), dim=-1)
         a = F.normalize(self.expert_embeddings, dim=-1)
         return z @ a.t() / self.log_temperature.exp()
 

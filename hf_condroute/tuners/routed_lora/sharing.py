@@ -52,7 +52,7 @@ class SharedRouter(Router):
         super().__init__(owner.in_features, owner.num_experts, owner.config, block_name)
         self.__dict__["holder"] = holder  # plain reference: nothing of the owner is saved twice
 
-    def forward(self, x, tags=None, keys=None, step: int | None = None) -> RoutingDecision:
+    def forward(self, x, tags=None, keys=None, step: int | None = None, valid=None) -> RoutingDecision:
         holder = self.holder
         decision = holder.decision
         if decision is None or holder.step != step:
