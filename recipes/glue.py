@@ -46,6 +46,7 @@ from hf_condroute.integrations.distributed import (
     SyncRouterStatisticsCallback,
     allow_fsdp2_on_cpu,
     check_process_count,
+    end_distributed,
     share_tied_embedding_module,
 )
 from hf_condroute.integrations.trainer_loss import RoutedTokenLoss
@@ -320,7 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
     )
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    return train_and_evaluate(args, training_args)[1]
+    results = train_and_evaluate(args, training_args)[1]
+    end_distributed()
+    return results
 
 
 if __name__ == "__main__":

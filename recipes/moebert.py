@@ -48,7 +48,12 @@ from transformers import (
 )
 
 from hf_condroute import RoutedFFNConfig, RoutingConfig, RoutingStatsCallback
-from hf_condroute.integrations.distributed import SyncRouterStatisticsCallback, all_reduce_, check_process_count
+from hf_condroute.integrations.distributed import (
+    SyncRouterStatisticsCallback,
+    all_reduce_,
+    check_process_count,
+    end_distributed,
+)
 from hf_condroute.moebert import DistillationTrainer, hidden_state_gap, importance_scores, logit_gap, plan_conversion
 from hf_condroute.stats import compute_routing_stats
 from hf_condroute.studies.cli import TRAINING_LOWS, check_at_least, from_the_hub, run_recipe, usage_errors
@@ -341,7 +346,9 @@ def main(argv: list[str] | None = None) -> dict:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
     )
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    return train_and_evaluate(args, training_args)[1]
+    results = train_and_evaluate(args, training_args)[1]
+    end_distributed()
+    return results
 
 
 if __name__ == "__main__":

@@ -162,6 +162,7 @@ if __name__ == "__main__":
     import deepspeed
 
     from hf_condroute.integrations.deepspeed import skip_cpu_shm_comm_build
+    from hf_condroute.integrations.distributed import end_distributed
 
     skip_cpu_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -183,3 +184,4 @@ if __name__ == "__main__":
         torch.save(params, os.path.join(out, "params.pt"))
         with open(os.path.join(out, "saves.json"), "w") as f:
             json.dump(saves, f, indent=1)
+    end_distributed()

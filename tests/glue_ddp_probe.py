@@ -31,3 +31,6 @@ if __name__ == "__main__":
         state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     state.update({n: b.detach().clone() for n, b in model.named_buffers() if "routed_adapter" in n})
     torch.save(state, os.path.join(training_args.output_dir, f"rank{training_args.process_index}_state.pt"))
+    from hf_condroute.integrations.distributed import end_distributed
+
+    end_distributed()
