@@ -108,6 +108,11 @@ class RoutedRows:
     row_mask: torch.Tensor | None = None
     every_token: bool = False
     padding: torch.Tensor | None = None  # (R,) traced by torch.compile: rows that are padding, routed to no expert
+    # eager, padded, per token: every position's features, keys and realness, so that a router taking `valid` sees
+    # the traced path's rows (random routers then draw the same samples as under torch.compile)
+    all_features: torch.Tensor | None = None  # (B*L, D)
+    all_keys: torch.Tensor | None = None  # (B*L,)
+    real: torch.Tensor | None = None  # (B*L,) bool
 
 
 # every parameter and buffer of a block's router (network, REINFORCE baseline, BatchNorm statistics) has this in
@@ -193,8 +198,12 @@ class RoutedBlock(nn.Module):
             row_example = torch.arange(batch, device=dev).unsqueeze(1).expand(batch, length)[row_mask]
             rows = seq[row_mask].unsqueeze(1)
             keys = token_ids[row_mask] if token_ids is not None else None
-        every_token = every_token or traced
-        return RoutedRows(rows, rows.squeeze(1), keys, batch, length, row_example, row_mask, every_token, padding)
+            all_keys = token_ids.reshape(-1) if token_ids is not None else None
+            return RoutedRows(
+                rows, rows.squeeze(1), keys, batch, length, row_example, row_mask, False, None,
+                all_features=seq.reshape(batch * length, -1), all_keys=all_keys, real=row_mask.reshape(-1),
+            )  # fmt: skip
+        return RoutedRows(rows, rows.squeeze(1), keys, batch, length, row_example, row_mask, True, padding)
 
     def decide(self, router: Router, record_key, r: RoutedRows, inputs: RoutingInputs):
         """router's decision on the rows, recorded under `record_key`; returns it and the combine weights (which
@@ -219,8 +228,16 @@ class RoutedBlock(nn.Module):
                 "`loss_terms` and pass it on to `compute_logits` and the base class's `loss_terms`, or compile with "
                 "unpadded batches."
             )
-        extra = {} if valid is None else {"valid": valid}
-        decision = router(r.features, tags=row_tags, keys=r.keys, step=inputs.step.id if inputs.step else None, **extra)
+        step_id = inputs.step.id if inputs.step else None
+        if r.real is not None and router.takes_valid:
+            # eager, padded: the router sees every position, as under torch.compile, and the real rows are kept
+            # (the same decisions; a random router's samples are the traced path's, drawn for every position)
+            all_tags = None if tags is None else tags.repeat_interleave(r.length)
+            decision = router(r.all_features, tags=all_tags, keys=r.all_keys, step=step_id, valid=r.real)
+            decision = _rows_of(decision, r.real)
+        else:
+            extra = {} if valid is None else {"valid": valid}
+            decision = router(r.features, tags=row_tags, keys=r.keys, step=step_id, **extra)
         factor = router.config.expert_capacity_factor
         if r.padding is not None:  # traced, padded: padding rows choose no expert, so they add nothing
             pad = r.padding.unsqueeze(1)
@@ -270,6 +287,18 @@ class RoutedBlock(nn.Module):
                 "routing_granularity='example'; when generating with the cache, feed input_ids instead of keys."
             )
         return match_rows(keys, batch, "routing_keys", name, device, repeat=False).long()
+
+
+def _rows_of(d: RoutingDecision, rows: torch.Tensor) -> RoutingDecision:
+    """The decision's rows where `rows` (bool, one per row) is set."""
+
+    def pick(t):
+        return None if t is None else t[rows]
+
+    return RoutingDecision(
+        experts=d.experts[rows], weights=d.weights[rows], probs=d.probs[rows], logits=pick(d.logits),
+        baseline=pick(d.baseline), dropped=pick(d.dropped),
+    )  # fmt: skip
 
 
 def _detached(d: RoutingDecision) -> RoutingDecision:
