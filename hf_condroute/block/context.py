@@ -290,7 +290,8 @@ class ModelRoutingState:
     def _pre_forward(self, module, args, kwargs):
         if args:
             bound = self._signature.bind_partial(module, *args, **kwargs)
-            kwargs = {k: v for k, v in bound.arguments.items() if k != "self"}
+            own = next(iter(self._signature.parameters))  # the module's own parameter, whatever its name
+            kwargs = {k: v for k, v in bound.arguments.items() if k != own}
             kwargs.update(kwargs.pop("kwargs", {}) or {})
             args = ()
         tags, keys = self._take_routing_kwargs(kwargs)
