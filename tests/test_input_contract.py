@@ -96,3 +96,24 @@ def test_keys_of_the_wrong_shape_for_the_granularity_are_refused():
     per_example = routed(make_bert(), router="hash")
     with pytest.raises(ValueError, match=r"routes per example: give one key per example, shape \(batch,\)"):
         per_example(**bert_batch(), routing_keys=torch.zeros(4, 7, dtype=torch.long))
+
+
+def test_a_forward_whose_first_parameter_is_not_named_self_takes_positional_inputs():
+    """The routing hook binds positional inputs by the forward's signature, whatever its first parameter's name."""
+
+    class Net(torch.nn.Module):
+        def __init__(this):
+            super().__init__()
+            this.proj = torch.nn.Linear(8, 8)
+
+        def forward(this, x):
+            return this.proj(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(3, 5, 8)
+    config = RoutedAdapterConfig(num_experts=4, adapter_dim=4, target_modules=["proj"], routing_granularity="token")
+    want = net.proj(x)
+    model = get_peft_model(net, config)  # zero-initialised experts: the base's output
+    torch.testing.assert_close(model(x), want)
+    assert hf_condroute.get_routing(model)["proj"].experts.shape[:2] == (3, 5)  # every token routed
