@@ -283,3 +283,36 @@ def test_a_custom_router_without_valid_is_refused_clearly_on_padded_compiled_bat
     # fullgraph: dynamo reports the ValueError raised while tracing as Unsupported, with its message
     with pytest.raises(torch._dynamo.exc.Unsupported, match="has no `valid` argument.*Add `valid=None`"):
         traced(x, mask)
+
+
+@pytest.mark.parametrize("tuner", sorted(TUNERS), ids="-".join)
+def test_compiled_generation_gives_eager_tokens_and_compiles_once_per_phase(tuner):
+    """`model.compile(fullgraph=True)` of the base model and `generate` with the static cache, from a left-padded
+    batch: the greedy tokens are eager's; prefill and decoding compile once each (the routing hook and the forward
+    are separate frames), and generating again from a prompt of the same shape compiles nothing."""
+    torch.manual_seed(0)
+    model = routed_llama(tuner).eval()
+    batch = llama_batch()
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5)
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(**inputs, do_sample=False, pad_token_id=0, cache_implementation="static")
+
+    eager = generate()
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model.get_base_model().compile(fullgraph=True, backend=counting_backend)
+    try:
+        assert torch.equal(generate(), eager)
+        first = len(compiles)
+        assert first <= 2 * 3  # (pre-hook, forward, post-hook) x (prefill, decoding)
+        assert torch.equal(generate(), eager)
+        assert len(compiles) == first
+    finally:
+        torch._dynamo.reset()

@@ -117,7 +117,7 @@ class ModelRoutingState:
         self.keys_explicit = False
         self.labels: torch.Tensor | None = None
         self.masks: dict[str, torch.Tensor | None] = {"self": None, "encoder": None, "decoder": None}
-        self._masks_full: dict[str, bool] = {}  # side -> whether its mask is all ones, once per mask set
+        self._masks_full: dict[str, tuple] = {}  # side -> (its mask, whether the mask is all ones), once per mask
         self.token_ids: dict[str, torch.Tensor | None] = {"self": None, "encoder": None, "decoder": None}
         self.encoder_pooled: torch.Tensor | None = None
         self._inside_forward = False
@@ -213,8 +213,9 @@ class ModelRoutingState:
         )
 
     def _set_mask(self, side: str, mask: torch.Tensor | None) -> None:
+        # no write to `_masks_full` here: traced, a guard on its keys would recompile whenever an eager call left an
+        # entry behind; its entries name the mask they were computed for instead
         self.masks[side] = token_mask(mask)
-        self._masks_full.pop(side, None)
 
     def _mask_full(self, side: str) -> bool | None:
         """Whether `side`'s whole mask is ones, checked once per mask set by a forward, not in every block: a host
@@ -222,10 +223,10 @@ class ModelRoutingState:
         mask = self.masks[side]
         if mask is None or torch.compiler.is_compiling():  # traced: blocks handle padding with fixed shapes
             return None
-        full = self._masks_full.get(side)
-        if full is None:
-            full = self._masks_full[side] = bool(mask.all())
-        return full
+        cached = self._masks_full.get(side)
+        if cached is None or cached[0] is not mask:
+            cached = self._masks_full[side] = (mask, bool(mask.all()))
+        return cached[1]
 
     # ----- hooks ------------------------------------------------------------------------------------
     def _take_routing_kwargs(self, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
