@@ -42,9 +42,8 @@ class RoutingRecord:
     def loss_terms(self, logits: torch.Tensor, baseline: torch.Tensor | None, reward: torch.Tensor | None) -> dict:
         """The router's weighted auxiliary losses of this decision, means over its real rows."""
         experts = self.decision.requested_experts()
-        extra = (
-            {} if self.valid is None else {"valid": self.valid}
-        )  # only with padding: custom routers need not know it
+        # `valid` only with traced padding: a custom router need not know the argument otherwise
+        extra = {} if self.valid is None else {"valid": self.valid}
         return self.router.loss_terms(logits, experts, baseline, self.targets, reward, **extra)
 
     def user_decision(self) -> RoutingDecision:
@@ -53,7 +52,6 @@ class RoutingRecord:
         if self.row_mask is None:
             return d
         b, length = self.batch_shape
-
         every_position = d.experts.shape[0] == b * length  # a traced forward routes padding too (to no expert)
 
         def scatter(t: torch.Tensor | None, fill: float) -> torch.Tensor | None:
