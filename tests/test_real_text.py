@@ -180,7 +180,8 @@ def test_quick_recipe_runs_every_row_offline(stand_in, tmp_path):
         assert ("focus" in row) == learned, name
         if learned:
             assert 0 <= row["focus"] <= 1 and 0 <= row["cover"] <= 1
-    assert summary["LoRA"]["step_vs_lora"] == 1.0 and summary["zero-shot"]["trainable"] == 0
+    assert summary["LoRA"]["step_vs_lora"] == summary["LoRA"]["step_cpu_vs_lora"] == 1.0
+    assert summary["zero-shot"]["trainable"] == 0
     assert summary["LoRA"]["trainable"] == summary["tag"]["trainable"]  # the same LoRA budget, no router
     assert summary["X-LoRA"]["trainable"] > 0
     for ext in ("json", "md", "png"):
