@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -124,6 +126,24 @@ def _quiet_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
         yield
+
+
+def _seed_everything() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _seeded_module():
+    """Each test file's fixtures and each test start from the same random state, whichever files and tests ran
+    before on the same worker (pytest-xdist hands files to workers in an order that varies from run to run)."""
+    _seed_everything()
+
+
+@pytest.fixture(autouse=True)
+def _seeded_test(_seeded_module):
+    _seed_everything()
 
 
 @pytest.fixture(scope="session", autouse=True)

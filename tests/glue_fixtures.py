@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from hf_condroute.studies.glue import GLUE_TASKS, GlueTask
@@ -76,8 +77,9 @@ def fixture_texts() -> list[str]:
     return texts
 
 
-def save_tiny_t5(model_dir: str, d_model: int = 64) -> str:
-    """A randomly initialised 2+2-layer T5 and a word-level tokenizer trained on the fixture text."""
+def save_tiny_t5(model_dir: str, d_model: int = 64, seed: int = 0) -> str:
+    """A randomly initialised 2+2-layer T5 (from `seed`, whatever tests ran before in this process) and a word-level
+    tokenizer trained on the fixture text."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import (
         PreTrainedTokenizerFast,
@@ -107,5 +109,8 @@ def save_tiny_t5(model_dir: str, d_model: int = 64) -> str:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    T5ForConditionalGeneration(config).save_pretrained(model_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
+    model.save_pretrained(model_dir)
     return model_dir
